@@ -784,21 +784,24 @@ def main(argv=None):
     import rewards
 
     args = parse_args(argv)
-    try:
-        if args.plot:
+    if args.plot:
+        try:
             return plot_runs(args.plot, args.plot_out)
-        world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if world > 1:
-            if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-                torch.cuda.set_device(device)
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1:
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if is_main():
-            print(f"device {device}, frozen weights {dtype}, LoRA weights and losses fp32, {world} process(es)")
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if is_main():
+        print(f"device {device}, frozen weights {dtype}, LoRA weights and losses fp32, {world} process(es)")
+    try:  # set-up: every failure here (missing model, download, disk) is one line, not a traceback
         run_dir = args.generate or prepare_run_dir(args)
         torch.manual_seed(args.seed)  # the LoRA's random initialisation
         pipe = load_pipeline(args.model, args.lora_rank, device, dtype)
@@ -818,10 +821,13 @@ def main(argv=None):
             import wandb
 
             wandb.init(project="diffexp", name=os.path.basename(run_dir), config=dataclasses.asdict(args))
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
+    try:
         train(pipe, reward_fn, eval_fns, sets, args, optimizer, scaler, tracker, start, run_dir, world, rank)
-    except (ValueError, OSError) as e:
+    except OSError as e:  # a full disk or a vanished run directory: the last good checkpoint is intact
         sys.exit(f"error: {e}")
     finally:
         if torch.distributed.is_initialized():

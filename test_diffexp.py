@@ -14,6 +14,9 @@ import pytest
 import torch
 
 import diffexp
+import open_clip
+import rewards
+from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -241,3 +244,369 @@ def test_load_pipeline_missing_model_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="--model tiny"):
         diffexp.load_pipeline("nobody/no-such-model", 4, "cpu", torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPO
+
+
+def test_ddpo_loss_hand_computed():
+    log_prob = torch.tensor([0.0, math.log(1.5), math.log(0.5), 0.0])
+    old = torch.zeros(4)
+    adv = torch.tensor([2.0, 1.0, -1.0, 10.0])
+    # ratios 1, 1.5, 0.5, 1; clip range 0.2 -> clamped 1, 1.2, 0.8, 1; advantages clipped to 5:
+    # sample 0: max(-2*1, -2*1) = -2; sample 1: max(-1.5, -1.2) = -1.2 (the clipped branch);
+    # sample 2: max(0.5, 0.8) = 0.8 (clipped, negative advantage); sample 3: A = 5 -> -5.
+    expected = (-2.0 - 1.2 + 0.8 - 5.0) / 4
+    loss = diffexp.ddpo_loss(log_prob, old, adv, clip_range=0.2, adv_clip_max=5.0)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # the gradient flows only through unclipped terms: sample 0 (A=2, r=1) and sample 3 (A=5, r=1)
+    lp = log_prob.clone().requires_grad_(True)
+    diffexp.ddpo_loss(lp, old, adv, 0.2, 5.0).backward()
+    assert torch.allclose(lp.grad, torch.tensor([-2.0, 0.0, 0.0, -5.0]) / 4, atol=1e-6)
+
+
+def test_per_prompt_stat_tracker():
+    tracker = diffexp.PerPromptStatTracker(buffer_size=4, min_count=3)
+    # below min_count: batch statistics over all rewards of this update
+    adv = tracker.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0]))
+    batch = np.array([1.0, 3.0, 5.0])
+    assert np.allclose(adv, (batch - batch.mean()) / (batch.std() + 1e-6))
+    # "a" now holds 3 rewards (>= min_count): its own statistics; "b" holds 2: batch statistics
+    adv = tracker.update(["a", "b"], np.array([2.0, 7.0]))
+    a_buf = np.array([1.0, 3.0, 2.0])
+    assert adv[0] == pytest.approx((2.0 - a_buf.mean()) / (a_buf.std() + 1e-6))
+    assert adv[1] == pytest.approx((7.0 - 4.5) / (np.std([2.0, 7.0]) + 1e-6))
+    # the buffer keeps only the last buffer_size rewards, across updates
+    tracker.update(["a", "a", "a"], np.array([10.0, 11.0, 12.0]))
+    assert tracker.buffers["a"] == [2.0, 10.0, 11.0, 12.0]
+
+
+def test_ddpo_recomputed_log_probs_are_on_policy(pipe):
+    """Before any update the ratio is 1 at every step, with exploration on: the training pass reuses
+    the stored per-step scale and weighted embedding. Reusing plain ones would break it."""
+    args = explore_args(w_high=5.0, eta=1.0)
+    pipe.scheduler.set_timesteps(10)
+    try:
+        with torch.no_grad():
+            batch = diffexp.sample_batch(pipe, ["a dolphin riding a bike", "a cat playing chess"], args, True, torch.Generator().manual_seed(0))
+            uncond = diffexp.encode_prompts(pipe, [""])[0]
+            i = torch.arange(2)
+            for s in range(10):
+                log_prob = diffexp.ddpo_log_prob(pipe, batch, i, torch.full((2,), s), uncond, 1.0)
+                ratio = (log_prob - batch["log_probs"][:, s]).exp()
+                assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
+            # the same recomputation without the exploration's scale or embedding is off-policy
+            plain = dict(batch, scales=torch.full_like(batch["scales"], 5.0), cond_embeds=diffexp.encode_prompts(pipe, ["a dolphin riding a bike", "a cat playing chess"])[0])
+            off = [(diffexp.ddpo_log_prob(pipe, plain, i, torch.full((2,), s), uncond, 1.0) - batch["log_probs"][:, s]).exp() for s in range(10)]
+            assert max((r - 1).abs().max().item() for r in off) > 1e-3
+    finally:
+        pipe.scheduler.set_timesteps(50)
+
+
+def pattern_reward():
+    """A simple image reward that the tiny model can move: correlation with a fixed random pattern."""
+    pattern = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return lambda images, prompts: (images * pattern).mean(dim=(1, 2, 3)) * 10
+
+
+def train_tiny(method, reward_fn, epochs, lr=1e-2, extra=()):
+    """A few epochs of `method` on a fresh tiny pipeline; returns the pipeline, the eval reward on fixed
+    noise before and after, and the state dicts before and after training."""
+    args = diffexp.parse_args(["--method", method, "--reward", "jpeg" if method == "ddpo" else "aesthetic", "--model", "tiny", "--steps", "10",
+                               "--batch-size", "8", "--train-batch-size", "8", "--micro-batch-size", "4", "--lr", str(lr), *extra])
+    torch.manual_seed(0)
+    p = diffexp.load_pipeline("tiny", 4, "cpu", torch.float32)
+    p.scheduler.set_timesteps(args.steps)
+    prompts = ["cat", "dog", "frog", "zebra"]
+
+    def evaluate():
+        with torch.no_grad():
+            return reward_fn(diffexp.sample_batch(p, prompts * 2, args, False, torch.Generator().manual_seed(99))["images"], prompts * 2).mean().item()
+
+    lora = [q for q in p.unet.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(lora, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before_state = {k: v.clone() for k, v in p.unet.state_dict().items()}
+    before = evaluate()
+    for epoch in range(epochs):
+        g = diffexp.seeded_generator(0, epoch, 0)
+        if method == "ddpo":
+            row, _ = diffexp.ddpo_epoch(p, reward_fn, prompts, args, True, g, optimizer, scaler, diffexp.PerPromptStatTracker(32, 16), 1)
+        else:
+            row, _ = diffexp.alignprop_epoch(p, reward_fn, prompts, args, True, g, optimizer, scaler, 1)
+        assert row["skipped_updates"] == 0
+    return p, before, evaluate(), before_state, p.unet.state_dict()
+
+
+def assert_only_lora_changed(before, after):
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora" in k for k in changed)
+    assert all("lora_B" in k or "lora_A" in k for k in changed)
+    frozen = [k for k in before if "lora" not in k]
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # every frozen tensor bit-identical
+
+
+def test_ddpo_learns_and_changes_only_lora():
+    reward = pattern_reward()
+    _, before, after, s0, s1 = train_tiny("ddpo", reward, epochs=3)
+    assert after > before + 2e-4, (before, after)
+    assert_only_lora_changed(s0, s1)
+    # trained on the negated reward, the pattern score falls: the direction comes from the reward
+    _, before_neg, after_neg, _, _ = train_tiny("ddpo", lambda im, p: -reward(im, p), epochs=3)
+    assert after_neg > before_neg + 2e-4, (before_neg, after_neg)
+
+
+def test_ddpo_refuses_eta_zero(capsys):
+    with pytest.raises(SystemExit):
+        diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", "--model", "tiny", "--eta", "0"])
+    assert "DDPO needs --eta > 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# AlignProp
+
+
+def unet_calls_with_gradient(p, K, steps=8, checkpoint=True):
+    """Which UNet calls (0-based, in sampling order) receive a gradient from the AlignProp loss."""
+    p.scheduler.set_timesteps(steps)
+    calls, got_grad, in_backward = [], set(), [False]
+
+    def hook(module, inputs, output):
+        if in_backward[0]:
+            return  # checkpointing re-runs the UNet inside backward: not a new call
+        index = len(calls)
+        calls.append(index)
+        if output.sample.requires_grad:
+            output.sample.register_hook(lambda grad: got_grad.add(index))
+
+    handle = p.unet.register_forward_hook(hook)
+    try:
+        out = diffexp.sample_batch(p, ["cat", "dog"], explore_args(eta=0.0), False, torch.Generator().manual_seed(0), backprop_steps=K, checkpoint=checkpoint)
+        in_backward[0] = True
+        (-pattern_reward()(out["images"], None).mean()).backward()
+    finally:
+        handle.remove()
+        p.unet.zero_grad(set_to_none=True)
+        p.scheduler.set_timesteps(50)
+    return len(calls), got_grad
+
+
+def test_alignprop_truncation_is_real(pipe):
+    n, got = unet_calls_with_gradient(pipe, K=1)
+    assert n == 8 and got == {7}  # only the last UNet call
+    n, got = unet_calls_with_gradient(pipe, K=3)
+    assert got == {5, 6, 7}
+    n, got = unet_calls_with_gradient(pipe, K=8)
+    assert got == set(range(8))  # all of them
+    assert unet_calls_with_gradient(pipe, K=3, checkpoint=False)[1] == {5, 6, 7}
+
+
+def saved_bytes(p, K, checkpoint, monkeypatch, steps=40):
+    """Bytes of the distinct tensors saved for backward during one AlignProp forward (sampling, decode,
+    reward), and the index of the denoising step during which the first of them was saved."""
+    p.scheduler.set_timesteps(steps)
+    done, storages, first = [0], {}, [None]
+    step = diffexp.ddim_step_with_logprob
+
+    def counting_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        done[0] += 1
+        return result
+
+    def pack(t):
+        # count each storage once: the prompt embeddings saved at every step are one tensor in memory
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if first[0] is None:
+            first[0] = done[0]
+        return t
+
+    monkeypatch.setattr(diffexp, "ddim_step_with_logprob", counting_step)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = diffexp.sample_batch(p, ["cat", "dog"], explore_args(eta=0.0), True, torch.Generator().manual_seed(0), backprop_steps=K, checkpoint=checkpoint)
+            pattern_reward()(out["images"], None).mean()
+    finally:
+        monkeypatch.undo()
+        p.scheduler.set_timesteps(50)
+    return sum(storages.values()), first[0]
+
+
+def test_alignprop_memory_is_flat_with_checkpointing(pipe, monkeypatch):
+    latent_bytes = 2 * 4 * 16 * 16 * 4  # one step's x_t: what a checkpoint must keep to recompute
+    ckpt_10, first_10 = saved_bytes(pipe, 10, True, monkeypatch)
+    ckpt_40, first_40 = saved_bytes(pipe, 40, True, monkeypatch)
+    full_10, first_full = saved_bytes(pipe, 10, False, monkeypatch)
+    full_40, _ = saved_bytes(pipe, 40, False, monkeypatch)
+    # steps before the last K save nothing at all
+    assert first_10 == 30 and first_full == 30 and first_40 == 0
+    # with checkpointing, an extra backprop step costs only its input latents (plus a few scalars)
+    assert (ckpt_40 - ckpt_10) / 30 <= 1.1 * latent_bytes
+    # without it, every step keeps the UNet's activations: about four-fold from K=10 to K=40
+    assert 3.0 < full_40 / full_10 < 4.5
+    assert (full_40 - full_10) / 30 > 100 * latent_bytes
+    assert ckpt_40 < full_10 / 50
+
+
+def test_alignprop_forward_equals_the_sampler(pipe):
+    """Exploration off: the gradient machinery (truncation, checkpointing) does not change the numbers."""
+    pipe.scheduler.set_timesteps(10)
+    args = explore_args(eta=0.0)
+    try:
+        with torch.no_grad():
+            plain = diffexp.sample_batch(pipe, ["cat", "dog"], args, False, torch.Generator().manual_seed(3))
+        graded = diffexp.sample_batch(pipe, ["cat", "dog"], args, False, torch.Generator().manual_seed(3), backprop_steps=4, checkpoint=True)
+    finally:
+        pipe.scheduler.set_timesteps(50)
+    assert graded["images"].requires_grad
+    assert torch.equal(graded["images"].detach(), plain["images"])
+
+
+def test_alignprop_learns_and_changes_only_lora():
+    reward = pattern_reward()
+    _, before, after, s0, s1 = train_tiny("alignprop", reward, epochs=3)
+    assert after > before + 5e-4, (before, after)
+    assert_only_lora_changed(s0, s1)
+
+
+# ---------------------------------------------------------------------------------------------
+# rewards.py
+
+REWARD_PROMPTS = ["a cat", "a dog riding a bicycle", "an astronaut", "a bowl of fruit"]
+
+
+def smooth_image(h, w, freq):
+    """A synthetic RGB image in [0, 1] made of waves (not noise, so resizing it is well defined)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    return torch.stack([0.5 + 0.4 * torch.sin(freq * xx + 2 * yy), 0.5 + 0.4 * torch.cos(0.7 * freq * yy - 3 * xx),
+                        0.2 + 0.6 * xx * yy])
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hps", "hps+aesthetic+pickscore"])
+def test_tiny_reward_gradient_reaches_images_only(name):
+    fn = rewards.load_reward(name, "cpu", torch.float32, tiny=True)
+    assert fn.differentiable
+    images = torch.rand(4, 3, 40, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    scores = fn(images, REWARD_PROMPTS)
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert fn.networks
+    for net in fn.networks:
+        assert not net.training
+        for p in net.parameters():
+            assert not p.requires_grad and p.grad is None
+
+
+def tiny_model_like_images(n, seed):
+    """Like a tiny diffusion model's samples: one fixed smooth 32x32 base, varied by random patterns of
+    amplitude ~0.13 with nearly the same mean brightness."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear")
+    pattern = torch.nn.functional.interpolate(torch.randn(n, 3, 8, 8, generator=g), size=(32, 32), mode="bilinear")
+    return (0.55 + 0.15 * base / base.std() + 0.13 * pattern / pattern.std()).clamp(0, 1)
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hps"])
+def test_tiny_rewards_respond_to_tiny_model_like_images(name):
+    # Smoke runs learn from the tiny rewards: they must not be flat on such images, nor their gradient vanish.
+    fn = rewards.load_reward(name, "cpu", torch.float32, tiny=True)
+    scale = rewards.TYPICAL_SCALE[name]
+    images = tiny_model_like_images(8, seed=6).requires_grad_(True)
+    scores = fn(images, ["a photo of a cat"] * 8)
+    assert scores.std() >= 0.05 * scale
+    (scores.sum() / scale).backward()
+    assert images.grad.flatten(1).norm(dim=1).min() > 0.1
+
+
+def test_tiny_rewards_are_deterministic_and_keep_global_rng():
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    state = torch.get_rng_state()
+    a = rewards.load_reward("pickscore", "cpu", torch.float32, tiny=True)(images, REWARD_PROMPTS)
+    b = rewards.load_reward("pickscore", "cpu", torch.float32, tiny=True)(images, REWARD_PROMPTS)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Different prompts give different scores: the text tower is really used.
+    c = rewards.load_reward("pickscore", "cpu", torch.float32, tiny=True)(images, REWARD_PROMPTS[::-1])
+    assert not torch.allclose(a, c)
+
+
+def test_ensemble_is_mean_of_scaled_members():
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    members = ["hps", "aesthetic", "pickscore"]
+    ensemble = rewards.load_reward("+".join(members), "cpu", torch.float32, tiny=True)(images, REWARD_PROMPTS)
+    by_hand = sum(rewards.load_reward(m, "cpu", torch.float32, tiny=True)(images, REWARD_PROMPTS)
+                  / rewards.TYPICAL_SCALE[m] for m in members) / len(members)
+    torch.testing.assert_close(ensemble, by_hand)
+
+
+def test_aesthetic_head_loads_real_key_layout(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    dims = [768, 1024, 128, 64, 16, 1]
+    state = {}
+    for key, (d_in, d_out) in zip([0, 2, 4, 6, 7], zip(dims[:-1], dims[1:])):
+        state[f"layers.{key}.weight"] = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+        state[f"layers.{key}.bias"] = torch.randn(d_out, generator=g)
+    path = tmp_path / "head.pth"
+    torch.save(state, path)
+    head = rewards.aesthetic_head(str(path)).eval()
+    x = torch.randn(5, 768, generator=g)
+    expected = x
+    for key in [0, 2, 4, 6, 7]:  # linear layers only, no activations
+        expected = expected @ state[f"layers.{key}.weight"].T + state[f"layers.{key}.bias"]
+    torch.testing.assert_close(head(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_aesthetic_head_file_size_is_checked(tmp_path, monkeypatch):
+    path = tmp_path / "head.pth"
+    torch.save({"layers.0.weight": torch.zeros(1, 1)}, path)
+    monkeypatch.setenv("DIFFEXP_AESTHETIC_HEAD", str(path))
+    with pytest.raises(RuntimeError, match="has 3714759"):
+        rewards.load_reward("aesthetic", "cpu", torch.float32)
+
+
+# freq 120 (waves of ~27 px at 512 px) is fine enough that resizing without antialias fails the test.
+@pytest.mark.parametrize("h, w, freq", [(256, 320, 6), (320, 256, 6), (512, 512, 120), (512, 640, 120)])
+def test_clip_preprocess_matches_open_clip_pil(h, w, freq):
+    u8 = (smooth_image(h, w, freq) * 255).round().to(torch.uint8)
+    reference = open_clip.image_transform(224, is_train=False)(Image.fromarray(u8.permute(1, 2, 0).numpy()))
+    ours = rewards.clip_preprocess(u8[None].float() / 255, 224)[0]
+    assert ours.shape == reference.shape == (3, 224, 224)
+    # PIL resizes in uint8 and rounds its output, torch resizes in float: they differ by about one
+    # uint8 step, 1 / 255 / std ~ 0.015 after normalisation. Allow two steps at most, a fraction on average.
+    diff = (ours - reference).abs()
+    assert diff.max() < 0.03 and diff.mean() < 0.006
+
+
+def test_jpeg_ranks_flat_image_more_compressible_than_noise():
+    noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(5))
+    images = torch.stack([torch.full((3, 64, 64), 0.5), noise])
+    size = rewards.load_reward("jpeg", "cpu", torch.float32)
+    compressibility = rewards.load_reward("jpeg_compressibility", "cpu", torch.float32)
+    assert not size.differentiable and not compressibility.differentiable
+    s, c = size(images, REWARD_PROMPTS[:2]), compressibility(images, REWARD_PROMPTS[:2])
+    assert s[0] < s[1] and c[0] > c[1]
+    torch.testing.assert_close(c, -s)
+
+
+def test_bad_names_fail_clearly():
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        rewards.load_reward("nope", "cpu", torch.float32, tiny=True)
+    with pytest.raises(ValueError, match=r"member\(s\) \['nope'\] cannot be ensembled"):
+        rewards.load_reward("hps+nope", "cpu", torch.float32, tiny=True)
+    with pytest.raises(ValueError, match=r"member\(s\) \['jpeg'\] cannot be ensembled"):
+        rewards.check_reward("aesthetic+jpeg")
+    with pytest.raises(ValueError, match="jpeg is not differentiable; AlignProp needs a differentiable reward"):
+        rewards.check_reward("jpeg", need_grad=True)
+    with pytest.raises(ValueError, match="no tiny version"):
+        rewards.load_reward("imagereward", "cpu", torch.float32, tiny=True)
+    rewards.check_reward("hps+aesthetic+pickscore", need_grad=True)  # accepted
+
+
+def test_wrong_inputs_fail_clearly():
+    fn = rewards.load_reward("hps", "cpu", torch.float32, tiny=True)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        fn(torch.rand(2, 3, 32, 32), ["only one"])
+    with pytest.raises(ValueError, match=r"shape \[B, 3, H, W\]"):
+        fn(torch.rand(3, 32, 32), REWARD_PROMPTS[:3])

@@ -1,0 +1,321 @@
+"""Reward functions for DiffExp, modeled on DDPO's rewards.py.
+
+    fn = load_reward(name, device, dtype, tiny=False)
+    scores = fn(images, prompts)   # images [B, 3, H, W] float in [0, 1], prompts list[str] -> float32 [B]
+
+Names:
+  aesthetic             LAION improved aesthetic predictor v2 on OpenAI CLIP ViT-L/14 (differentiable)
+  pickscore             PickScore v1 (differentiable)
+  hps                   HPS v2.1 (differentiable)
+  jpeg                  DDPO's JPEG incompressibility: JPEG size in kB (not differentiable)
+  jpeg_compressibility  minus the JPEG size in kB, so that smaller files score higher (not differentiable)
+  imagereward           ImageReward v1.0, for evaluation only (not differentiable, needs `pip install image-reward`)
+  a+b+c                 ensemble of aesthetic, pickscore and hps: each member divided by its TYPICAL_SCALE,
+                        then averaged, so that no member dominates through its units (differentiable)
+
+Every reward network is frozen and in eval mode: gradients reach only the images. Each returned fn
+carries `fn.differentiable` (bool) and `fn.networks` (the frozen modules it runs). To validate a name
+WITHOUT loading any model (e.g. refuse `jpeg` for AlignProp while parsing arguments), call
+`check_reward(name, need_grad=True)`; load_reward runs the same check first.
+
+The aesthetic head is downloaded from the hub; to use a local copy of sac+logos+ava1-l14-linearMSE.pth
+instead, set the environment variable DIFFEXP_AESTHETIC_HEAD=/path/to/sac+logos+ava1-l14-linearMSE.pth.
+
+tiny=True builds the same architectures from tiny configs with fixed random weights, fully offline,
+and scores through the same code (used by the tests and the CPU smoke runs).
+"""
+
+import io
+import math
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Typical magnitude of each reward on SD 1.5 samples: ours, rough round values, not tuned (the paper
+# does not state how it combines rewards). Only these rewards may join an ensemble.
+TYPICAL_SCALE = {"aesthetic": 5.5, "pickscore": 21.0, "hps": 0.28}
+DIFFERENTIABLE = tuple(TYPICAL_SCALE)
+REWARDS = DIFFERENTIABLE + ("jpeg", "jpeg_compressibility", "imagereward")
+
+# Public hub copy of the LAION file (github.com/christophschuhmann/improved-aesthetic-predictor).
+AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
+AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_BYTES = 3_714_759
+TINY_SEED = 0
+# Tiny mode only: with default random weights the tiny rewards are nearly flat in their input, so nothing could
+# be learned from them in smoke runs. The image tower's query/key projections are drawn TINY_QK_GAIN times larger,
+# so that the class token attends selectively to patches (as in trained CLIP) instead of averaging them, which
+# washes out spatial patterns; see _tiny_aesthetic_head and the PickScore logit scale for the other two changes.
+TINY_QK_GAIN = 3.0
+TINY_AESTHETIC_GAIN = 10.0
+
+
+def check_reward(name, need_grad=False):
+    """Raise ValueError if `name` is not a reward, or (need_grad) not a differentiable one. Loads nothing."""
+    members = name.split("+")
+    if len(members) > 1:
+        bad = [m for m in members if m not in TYPICAL_SCALE]
+        if bad:
+            raise ValueError(f"reward ensemble {name!r}: member(s) {bad} cannot be ensembled; "
+                             f"ensemble members must be among {', '.join(DIFFERENTIABLE)}")
+    elif name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)} "
+                         f"or an ensemble such as hps+aesthetic+pickscore")
+    if need_grad and not all(m in DIFFERENTIABLE for m in members):
+        raise ValueError(f"{name} is not differentiable; AlignProp needs a differentiable reward "
+                         f"(aesthetic, pickscore, hps or an ensemble of them)")
+
+
+def load_reward(name, device, dtype, tiny=False):
+    """Return fn(images [B,3,H,W] in [0,1], prompts) -> float32 scores [B]; networks run in `dtype`."""
+    check_reward(name)
+    members = name.split("+")
+    if name == "imagereward":
+        dtype = torch.float32  # ImageReward's own score() casts its features to float32 before its head
+    if len(members) == 1:
+        fn = _LOADERS[name](device, dtype, tiny)
+    else:
+        parts = [_LOADERS[m](device, dtype, tiny) for m in members]
+
+        def fn(images, prompts):
+            return torch.stack([p(images, prompts) / TYPICAL_SCALE[m] for p, m in zip(parts, members)]).mean(0)
+
+        fn.networks = tuple(net for p in parts for net in p.networks)
+    fn.differentiable = all(m in DIFFERENTIABLE for m in members)
+    weights = "no network" if not fn.networks else "tiny random weights" if tiny else "pretrained"
+    print(f"reward {name}: {weights} on {device}, {dtype}")
+    return fn
+
+
+def clip_preprocess(images, size):
+    """CLIP's eval preprocessing on tensors, so gradients pass: resize the short side to `size`
+    (bicubic; antialias approximates PIL's bicubic downsampling), centre crop size x size, normalise."""
+    h, w = images.shape[-2:]
+    # torchvision's Resize(size) on PIL: short side -> size, long side -> int(size * long / short)
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # as CenterCrop
+    x = x[..., top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def aesthetic_head(state_dict_or_path):
+    """The LAION aesthetic MLP, from a state dict or a .pth file with keys layers.0/2/4/6/7.{weight,bias}."""
+    state = state_dict_or_path
+    if not isinstance(state, dict):
+        state = torch.load(state, map_location="cpu", weights_only=True)  # the real file holds CUDA tensors
+    if "layers.0.weight" not in state:
+        raise ValueError("not an aesthetic-predictor state dict: expected keys layers.0/2/4/6/7.{weight,bias}")
+    head = _aesthetic_mlp(state["layers.0.weight"].shape[1])
+    head.load_state_dict(state)
+    return head
+
+
+def _aesthetic_mlp(in_dim):
+    # Linear layers only: the upstream ReLUs are commented out. Dropout is inactive in eval mode.
+    return nn.Sequential(OrderedDict(layers=nn.Sequential(
+        nn.Linear(in_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))))
+
+
+def _aesthetic_head_file():
+    path = os.environ.get("DIFFEXP_AESTHETIC_HEAD")
+    if path is None:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILE)
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"DIFFEXP_AESTHETIC_HEAD={path} is not a file")
+    size = os.path.getsize(path)
+    if size != AESTHETIC_HEAD_BYTES:
+        raise RuntimeError(f"{path} has {size} bytes but {AESTHETIC_HEAD_FILE} has {AESTHETIC_HEAD_BYTES}; "
+                           f"use the original file from github.com/christophschuhmann/improved-aesthetic-predictor")
+    return path
+
+
+def _frozen(module, device, dtype):
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _seeded(build):
+    # Fixed weights for tiny models without disturbing the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return build()
+
+
+def _tiny_open_clip():
+    import open_clip
+    vision = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=dict(width=32, heads=2, layers=2))
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:  # in_proj_weight stacks the q, k, v projections
+            block.attn.in_proj_weight[:2 * vision["width"]] *= TINY_QK_GAIN
+    return model
+
+
+def _tiny_aesthetic_head(in_dim):
+    # Default Linear init shrinks the signal at each of the five layers, leaving a constant score. Instead:
+    # weights N(0, 1/fan_in), zero biases, and the last layer TINY_AESTHETIC_GAIN times larger, so that the
+    # score moves by a fraction of a point across a tiny model's images, as the real predictor does on SD samples.
+    head = _aesthetic_mlp(in_dim)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer in linears:
+            nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+            nn.init.zeros_(layer.bias)
+        linears[-1].weight *= TINY_AESTHETIC_GAIN
+    return head
+
+
+def _check_inputs(images, prompts):
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"rewards expect images of shape [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+
+
+def _cos(a, b):
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+
+
+def _aesthetic(device, dtype, tiny):
+    import open_clip
+    if tiny:
+        clip, head = _seeded(_tiny_open_clip), _seeded(lambda: _tiny_aesthetic_head(32))
+    else:
+        head = aesthetic_head(_aesthetic_head_file())  # first, so a wrong file fails before the CLIP download
+        # OpenAI's CLIP was trained with QuickGELU; open_clip 3 builds nn.GELU unless told otherwise.
+        clip = open_clip.create_model("ViT-L-14", pretrained="openai", force_quick_gelu=True)
+    clip, head = _frozen(clip, device, dtype), _frozen(head, device, dtype)
+    size = clip.visual.image_size[0]
+
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        embed = F.normalize(clip.encode_image(clip_preprocess(images, size).to(dtype)), dim=-1)
+        return head(embed).squeeze(-1).float()
+
+    fn.networks = (clip, head)
+    return fn
+
+
+def _pickscore(device, dtype, tiny):
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+    if tiny:
+        import open_clip
+        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        # logit scale 100, the value trained CLIP models (PickScore included) end with, not the init value 1/0.07
+        config = CLIPConfig(text_config=cfg, vision_config=dict(cfg, image_size=32, patch_size=8), projection_dim=32,
+                            logit_scale_init_value=math.log(100.0))
+        model = _seeded(lambda: CLIPModel(config))
+        with torch.no_grad():
+            for layer in model.vision_model.encoder.layers:
+                layer.self_attn.q_proj.weight *= TINY_QK_GAIN
+                layer.self_attn.k_proj.weight *= TINY_QK_GAIN
+        # Same BPE vocabulary and special tokens as the laion tokenizer, shipped with open_clip (offline).
+        # Padding ids differ, but the text tower pools at the first EOS under a causal mask.
+        tokenize = open_clip.get_tokenizer("ViT-H-14")
+    else:
+        model = CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1")
+        tokenizer = AutoTokenizer.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+
+        def tokenize(prompts):
+            return tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
+                             return_tensors="pt").input_ids
+
+    model = _frozen(model, device, dtype)
+    size = model.config.vision_config.image_size
+
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        image = model.get_image_features(pixel_values=clip_preprocess(images, size).to(dtype)).pooler_output
+        text = model.get_text_features(input_ids=tokenize(prompts).to(device)).pooler_output
+        return (model.logit_scale.exp() * _cos(image, text)).float()
+
+    fn.networks = (model,)
+    return fn
+
+
+def _hps(device, dtype, tiny):
+    import open_clip
+    if tiny:
+        model = _seeded(_tiny_open_clip)
+    else:
+        from huggingface_hub import hf_hub_download
+        model = open_clip.create_model("ViT-H-14", pretrained=None)
+        checkpoint = torch.load(hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+                                map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["state_dict"])
+    model = _frozen(model, device, dtype)
+    tokenize = open_clip.get_tokenizer("ViT-H-14")
+    size = model.visual.image_size[0]
+
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        image = model.encode_image(clip_preprocess(images, size).to(dtype))
+        text = model.encode_text(tokenize(prompts).to(device))
+        return _cos(image, text).float()  # HPS v2 scores with the plain cosine, no logit scale
+
+    fn.networks = (model,)
+    return fn
+
+
+def _to_pil(images):
+    from PIL import Image
+    images = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]  # NCHW -> NHWC
+
+
+def _jpeg(device, dtype, tiny):
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        sizes = []
+        for image in _to_pil(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=95)
+            sizes.append(buffer.tell() / 1000)  # kB, as DDPO
+        return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+    fn.networks = ()
+    return fn
+
+
+def _jpeg_compressibility(device, dtype, tiny):
+    size = _jpeg(device, dtype, tiny)
+
+    def fn(images, prompts):
+        return -size(images, prompts)
+
+    fn.networks = ()
+    return fn
+
+
+def _imagereward(device, dtype, tiny):
+    if tiny:
+        raise ValueError("imagereward has no tiny version; use it only with tiny=False (evaluation)")
+    try:
+        import ImageReward
+    except ImportError as e:
+        raise RuntimeError("the imagereward reward needs the image-reward package: pip install image-reward") from e
+    model = ImageReward.load("ImageReward-v1.0", device=device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        # ImageReward.score(prompt, PIL image) -> float; it runs its own PIL preprocessing
+        scores = [model.score(p, image) for p, image in zip(prompts, _to_pil(images))]
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+    fn.networks = (model,)
+    return fn
+
+
+_LOADERS = {"aesthetic": _aesthetic, "pickscore": _pickscore, "hps": _hps, "jpeg": _jpeg,
+            "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward}
