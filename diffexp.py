@@ -442,7 +442,7 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
     per_update = args.train_batch_size // world // mb  # micro-batches per optimizer step
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
     log = dict(loss=[], approx_kl=[], clipfrac=[])
-    skipped = 0
+    skipped, finite = 0, True
     for _ in range(args.inner_epochs):
         order = torch.randperm(n, generator=generator)
         steps = torch.stack([torch.randperm(T, generator=generator)[:T_train] for _ in range(n)])  # [n, T_train]
@@ -454,11 +454,13 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
                 old_log_prob = batch["log_probs"][i, s]
                 loss = ddpo_loss(log_prob, old_log_prob, advantages[i], args.clip_range, args.adv_clip_max)
                 scaler.scale(loss / (per_update * T_train)).backward()
+                finite &= bool(torch.isfinite(loss))
                 log["loss"].append(loss.item())
                 log["approx_kl"].append(0.5 * ((log_prob - old_log_prob) ** 2).mean().item())
                 log["clipfrac"].append(((log_prob - old_log_prob).exp().sub(1).abs() > args.clip_range).float().mean().item())
             if (m + 1) % per_update == 0:
-                skipped += not optimizer_step(lora, optimizer, scaler, args.max_grad_norm, world)
+                skipped += not optimizer_step(lora, optimizer, scaler, args.max_grad_norm, world, finite)
+                finite = True
     return stats | {k: float(np.mean(v)) for k, v in log.items()} | dict(skipped_updates=skipped), shown
 
 
@@ -475,7 +477,7 @@ def alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimize
     per_update = args.train_batch_size // world // mb
     K_max = args.backprop_steps or args.steps
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
-    rewards, losses, skipped = [], [], 0
+    rewards, losses, skipped, finite = [], [], 0, True
     for m in tqdm(range(n // mb), desc="alignprop", disable=not is_main()):
         prompt_ids = torch.randint(len(prompts), (mb,), generator=generator)
         batch_prompts = [prompts[k] for k in prompt_ids]
@@ -486,35 +488,39 @@ def alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimize
         reward = reward_fn(out["images"], batch_prompts)
         loss = -args.loss_coeff * reward.mean()
         scaler.scale(loss / per_update).backward()
+        finite &= bool(torch.isfinite(loss))
         rewards.append(reward.detach().float())
         losses.append(loss.item())
         if m == 0:
             shown = (out["images"].detach(), batch_prompts, rewards[0])  # for the image grid
         if (m + 1) % per_update == 0:
-            skipped += not optimizer_step(lora, optimizer, scaler, args.max_grad_norm, world)
+            skipped += not optimizer_step(lora, optimizer, scaler, args.max_grad_norm, world, finite)
+            finite = True
     rewards = all_gather(torch.cat(rewards), world)
     return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(), loss=float(np.mean(losses)), skipped_updates=skipped), shown
 
 
-def optimizer_step(params, optimizer, scaler, max_grad_norm, world):
-    """Average the LoRA gradients over processes, clip their norm, step. A non-finite gradient
-    (NaN reward or loss) skips the step on every process alike and returns False."""
+def optimizer_step(params, optimizer, scaler, max_grad_norm, world, loss_finite):
+    """Average the LoRA gradients over processes, clip their norm, step. A non-finite loss or gradient
+    on any process (a NaN reward, say) skips the step on every process alike and returns False."""
+    bad = torch.tensor([0.0 if loss_finite else 1.0], device=params[0].device)
     if world > 1:
-        # One all_reduce of the flattened LoRA gradients instead of a DDP wrapper: AlignProp calls the
-        # UNet many times per backward and checkpointing re-runs forward inside backward, which DDP's
-        # reducer does not support. The result is the same: every process steps on the mean gradient.
-        flat = torch.cat([p.grad.flatten() for p in params])
+        # One all_reduce of the flattened LoRA gradients (and the flag) instead of a DDP wrapper:
+        # AlignProp calls the UNet many times per backward and checkpointing re-runs forward inside
+        # backward, which DDP's reducer does not support. Every process steps on the mean gradient.
+        flat = torch.cat([p.grad.flatten() for p in params] + [bad])
         torch.distributed.all_reduce(flat)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
+        bad = flat[-1:]
+        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p) / world)
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    finite = bool(torch.isfinite(norm))
-    if finite:
+    ok = bool(torch.isfinite(norm)) and bad.item() == 0
+    if ok:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return finite
+    return ok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,9 +531,9 @@ PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts
 EVAL_SEED = 1234  # evaluation always draws the same noise: seed (EVAL_SEED, rank)
 
 
-def load_prompt_sets(path=PROMPTS_FILE):
+def load_prompt_sets():
     """prompts.txt: a `[name]` line opens a set, each following line is one prompt, # starts a comment."""
-    sets, name = {}, None
+    sets, name, path = {}, None, PROMPTS_FILE
     with open(path, encoding="utf-8") as f:
         for line in (raw.strip() for raw in f):
             if not line or line.startswith("#"):
@@ -760,12 +766,13 @@ def prepare_run_dir(args):
         for name, value in dataclasses.asdict(args).items():
             if name not in RESUMABLE_CHANGES and saved.get(name) != value:
                 raise ValueError(f"--resume {run_dir}: setting {name} was {saved.get(name)!r} there and is {value!r} now; resume with the same settings.")
-    elif os.path.exists(run_dir):
-        if not args.overwrite:
-            raise ValueError(f"run directory {run_dir} exists; pass --resume {run_dir} to continue it, --overwrite to replace it, or another --out.")
-        if is_main():
-            shutil.rmtree(run_dir)
+    elif os.path.exists(run_dir) and not args.overwrite:
+        raise ValueError(f"run directory {run_dir} exists; pass --resume {run_dir} to continue it, --overwrite to replace it, or another --out.")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process has checked before rank 0 changes anything
     if is_main():
+        if os.path.exists(run_dir) and not args.resume:
+            shutil.rmtree(run_dir)  # --overwrite
         try:
             os.makedirs(run_dir, exist_ok=True)
             with open(config_path, "w") as f:
@@ -859,7 +866,8 @@ def train(pipe, reward_fn, eval_fns, sets, args, optimizer, scaler, tracker, sta
     if start == 0 and args.eval_every:  # the starting model, so that curves begin at 0 reward queries
         log(evaluate_and_save_grids(dict(epoch=0, reward_queries=0), 0))
     for epoch in range(start + 1, args.epochs + 1):
-        explore = not args.no_explore and epoch <= EXPLORE_FRACTION * args.epochs
+        # rounded up, so that a 2-epoch run resumed to 4 explores exactly like an unbroken 4-epoch run
+        explore = not args.no_explore and epoch <= math.ceil(EXPLORE_FRACTION * args.epochs)
         generator = seeded_generator(args.seed, epoch, rank)
         if args.method == "ddpo":
             row, shown = ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, scaler, tracker, world)

@@ -3,8 +3,10 @@
 Run: python -m pytest -q test_diffexp.py
 """
 
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -467,6 +469,237 @@ def test_alignprop_learns_and_changes_only_lora():
     _, before, after, s0, s1 = train_tiny("alignprop", reward, epochs=3)
     assert after > before + 5e-4, (before, after)
     assert_only_lora_changed(s0, s1)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and the training run (tiny model, a few seconds per epoch)
+
+TINY_RUN = ["--model", "tiny", "--steps", "4", "--batch-size", "4", "--micro-batch-size", "2", "--train-batch-size", "4"]
+
+
+def run_cli(*argv, env=None, timeout=600):
+    """diffexp.py in a subprocess, as a user runs it; returns (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "diffexp.py"), *argv], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def lora_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "checkpoint", "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "ppo"], "invalid choice: 'ppo'"),
+    (["--reward", "beauty"], "unknown reward 'beauty'"),
+    (["--reward", "aesthetic+beauty"], "cannot be ensembled"),
+    (["--method", "alignprop", "--reward", "jpeg"], "jpeg is not differentiable"),
+    (["--t-thres", "1000"], "--t-thres 1000 is outside [0, 1000)"),
+    (["--t-thres", "-1"], "outside [0, 1000)"),
+    (["--alpha-min", "2", "--alpha-max", "1"], "--alpha-min 2.0 is above --alpha-max 1.0"),
+    (["--prompts", "plants"], "unknown prompt set 'plants'; prompts.txt has: animals, unseen_animals"),
+    (["--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
+    (["--backprop-steps", "60"], "--backprop-steps must be between 1 and --steps"),
+])
+def test_bad_arguments_fail_with_one_clear_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        diffexp.parse_args(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_empty_prompt_set_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "prompts.txt").write_text("[animals]\ncat\n[unseen_animals]\n# nothing here\n")
+    monkeypatch.setattr(diffexp, "PROMPTS_FILE", str(tmp_path / "prompts.txt"))
+    with pytest.raises(SystemExit):
+        diffexp.parse_args(["--model", "tiny"])
+    assert "prompt set 'unseen_animals' in prompts.txt is empty" in capsys.readouterr().err
+
+
+def test_prompts_txt_has_the_papers_sets():
+    sets = diffexp.load_prompt_sets()
+    assert len(sets["animals"]) == 45 and len(sets["unseen_animals"]) == 6 and len(sets["drawbench"]) == 58
+    assert len(sets["animal_activities"]) == 135 and "a monkey washing the dishes" in sets["animal_activities"]
+    assert len(sets["unseen_animal_activities"]) == 135 and "a cat playing soccer" in sets["unseen_animal_activities"]
+    assert not set(sets["animals"]) & set(sets["unseen_animals"])
+    with open(os.path.join(os.path.dirname(HERE), "shared", "data", "drawbench_challenging.txt"), encoding="utf-8") as f:
+        drawbench = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
+    assert sets["drawbench"] == drawbench
+
+
+def test_missing_model_exits_with_one_line_naming_tiny(tmp_path):
+    code, out, err = run_cli("--model", "nobody/no-such-model", "--out", str(tmp_path / "run"))
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: cannot load --model 'nobody/no-such-model'") and "--model tiny" in err
+
+
+def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
+    run = str(tmp_path / "run")
+    code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run)
+    assert code == 0, err
+    rows = read_log(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and [r["reward_queries"] for r in rows] == [0, 4, 8]
+    assert {"reward_mean", "reward_std", "loss", "eval_seen_aesthetic", "eval_unseen_aesthetic"} <= set(rows[-1])
+    assert rows[1]["explore"] and rows[2]["explore"]  # ceil(3/4 of 2 epochs) = 2
+    files = set(os.listdir(run))
+    assert {"config.json", "log.jsonl", "checkpoint", "train_0001.png", "eval_seen_0002.png", "eval_unseen_0000.png"} <= files
+    assert "device cpu" in out and "float32" in out
+    # the checkpoint is a diffusers LoRA: load_lora_weights on a fresh pipeline gives the trained UNet
+    fresh = diffexp.tiny_pipeline()
+    fresh.load_lora_weights(os.path.join(run, "checkpoint"))
+    trained = diffexp.load_pipeline("tiny", 4, "cpu", torch.float32)
+    diffexp.load_lora(trained.unet, os.path.join(run, "checkpoint"))
+    x, c = torch.randn(1, 4, 16, 16), diffexp.encode_prompts(fresh, ["cat"])[0]
+    with torch.no_grad():
+        assert torch.allclose(fresh.unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample, atol=1e-6)
+        assert not torch.allclose(diffexp.tiny_pipeline().unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample)
+    # an existing run directory is refused without --resume or --overwrite
+    code, _, err = run_cli("--method", "alignprop", *TINY_RUN, "--epochs", "1", "--out", run)
+    assert code != 0 and "exists; pass --resume" in err and "Traceback" not in err
+    # --generate writes images with and without the LoRA
+    code, _, err = run_cli("--method", "alignprop", *TINY_RUN, "--generate", run)
+    assert code == 0, err
+    assert {"generate_with_lora.png", "generate_without_lora.png"} <= set(os.listdir(run))
+
+
+@pytest.mark.parametrize("method, reward", [("ddpo", "jpeg"), ("alignprop", "aesthetic")])
+def test_resume_continues_exactly(tmp_path, method, reward):
+    """4 epochs in one run, and 2 + 2 with a resume, end with the same LoRA weights."""
+    common = ["--method", method, "--reward", reward, *TINY_RUN, "--eval-every", "0", "--save-every", "1"]
+    one, split = str(tmp_path / "one"), str(tmp_path / "split")
+    diffexp.main([*common, "--epochs", "4", "--out", one])
+    diffexp.main([*common, "--epochs", "2", "--out", split])
+    assert [r["epoch"] for r in read_log(split)] == [1, 2]
+    diffexp.main([*common, "--epochs", "4", "--resume", split])
+    a, b = lora_weights(one), lora_weights(split)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert [r["epoch"] for r in read_log(split)] == [1, 2, 3, 4]
+    assert [r["reward_mean"] for r in read_log(split)] == [r["reward_mean"] for r in read_log(one)]
+    # a resume with a setting that changes the run is refused, naming the setting
+    with pytest.raises(SystemExit, match="setting lr was 0.01 there and is 0.5 now"):
+        diffexp.main([*common, "--epochs", "5", "--lr", "0.5", "--resume", split])
+
+
+def test_nan_reward_skips_the_update(pipe):
+    """A NaN reward skips the update (never NaN weights) and is counted in the log row."""
+    args = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN])
+    lora = [p for p in pipe.unet.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in lora]
+    optimizer = torch.optim.AdamW(lora, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    nan_reward = lambda images, prompts: torch.where(torch.arange(len(images)) == 0, torch.nan, images.mean(dim=(1, 2, 3)))
+    pipe.scheduler.set_timesteps(args.steps)
+    try:
+        row, _ = diffexp.ddpo_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0), optimizer, scaler, diffexp.PerPromptStatTracker(32, 16), 1)
+        assert row["skipped_updates"] == 1 and math.isnan(row["reward_mean"])
+        args = diffexp.parse_args(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN])
+        row, _ = diffexp.alignprop_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0), optimizer, scaler, 1)
+        assert row["skipped_updates"] == 1 and math.isnan(row["loss"])
+    finally:
+        pipe.scheduler.set_timesteps(50)
+    assert all(torch.equal(a, b) for a, b in zip(before, lora))
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(SystemExit, match="No space left on device.*last good checkpoint is intact"):
+        diffexp.main(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "3", "--eval-every", "0", "--save-every", "1", "--out", run])
+    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == 1
+    assert sorted(os.listdir(run)) == ["checkpoint", "config.json", "log.jsonl", "train_0001.png", "train_0002.png"]
+
+
+def test_unwritable_run_directory_is_one_clear_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    code, _, err = run_cli("--method", "alignprop", *TINY_RUN, "--out", str(tmp_path / "a_file" / "run"))
+    assert code != 0 and "Traceback" not in err and "cannot write to run directory" in err
+
+
+def test_sigint_finishes_the_epoch_saves_and_exits_zero(tmp_path):
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "diffexp.py"), "--method", "alignprop", "--reward", "aesthetic", *TINY_RUN,
+                             "--epochs", "100", "--eval-every", "0", "--save-every", "50", "--out", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until the first epoch is logged, then interrupt the second
+        if line.startswith('{"epoch": 1'):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out
+    epochs = [r["epoch"] for r in read_log(run)]
+    assert 2 <= epochs[-1] < 100 and epochs == list(range(1, epochs[-1] + 1))
+    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == epochs[-1]
+
+
+def test_two_processes_end_with_identical_lora(tmp_path):
+    """torchrun with 2 CPU processes (gloo): different samples per rank, averaged gradients, the same LoRA."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {HERE!r})
+import diffexp
+train = diffexp.train
+def train_and_dump(pipe, *args, **kwargs):
+    start = {{k: v.clone() for k, v in diffexp.lora_state_dict(pipe.unet).items()}}
+    train(pipe, *args, **kwargs)
+    torch.save(dict(start=start, end=diffexp.lora_state_dict(pipe.unet)), os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
+diffexp.train = train_and_dump
+diffexp.main(sys.argv[1:])
+""")
+    run = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+                           "--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert all(torch.equal(r0["end"][k], r1["end"][k]) for k in r0["end"])  # bit-identical on both ranks
+    assert any(not torch.equal(r0["start"][k], r0["end"][k]) for k in r0["end"])  # and trained
+    assert all(torch.equal(r0["start"][k], r1["start"][k]) for k in r0["start"])
+    rows = read_log(run)  # rank 0 alone writes; rewards are gathered from both ranks
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["reward_queries"] == 8
+    assert os.path.exists(os.path.join(run, "checkpoint", "state.pt"))
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ValueError, match="pip install matplotlib"):
+        diffexp.plot_runs([str(tmp_path)], str(tmp_path / "plot.png"))
+
+
+def test_plot_draws_reward_against_queries_per_run(tmp_path, monkeypatch):
+    """The figure's data, checked through a recording stand-in for matplotlib (an optional import)."""
+    lines = []
+    axes = SimpleNamespace(plot=lambda x, y, label: lines.append((x, y, label)), set_xlabel=lambda *a: None, set_ylabel=lambda *a: None, legend=lambda: None)
+    figure = SimpleNamespace(tight_layout=lambda: None, savefig=lambda path, dpi: open(path, "w").close())
+    pyplot = SimpleNamespace(subplots=lambda figsize: (figure, axes))
+    monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    for name, explore in (("diffexp", False), ("baseline", True)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps(dict(method="ddpo", reward="aesthetic", no_explore=explore)))
+        rows = [dict(epoch=0, reward_queries=0, eval_seen_aesthetic=1.0), dict(epoch=1, reward_queries=64, reward_mean=5.0), dict(epoch=2, reward_queries=128, reward_mean=6.0)]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    diffexp.plot_runs([str(tmp_path / "diffexp"), str(tmp_path / "baseline")], str(tmp_path / "plot.png"))
+    assert lines == [([64, 128], [5.0, 6.0], "ddpo + DiffExp (diffexp)"), ([64, 128], [5.0, 6.0], "ddpo (baseline)")]
+    assert os.path.exists(tmp_path / "plot.png")
+    with pytest.raises(ValueError, match="not a run directory"):
+        diffexp.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "plot.png"))
 
 
 # ---------------------------------------------------------------------------------------------
