@@ -421,12 +421,14 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
         for _ in tqdm(range(n // mb), desc="sampling", disable=show):
             prompt_ids = torch.randint(len(prompts), (mb,), generator=generator)
             batch = sample_batch(pipe, [prompts[k] for k in prompt_ids], args, explore, generator)
-            batch["rewards"] = reward_fn(batch["images"], [prompts[k] for k in prompt_ids]).float()
+            images = batch.pop("images")  # only the first micro-batch's are kept, for the image grid
+            batch["rewards"] = reward_fn(images, [prompts[k] for k in prompt_ids]).float()
             batch["prompt_ids"] = prompt_ids.to(batch["rewards"].device)
+            if not batches:
+                shown = (images, [prompts[k] for k in prompt_ids], batch["rewards"])
             batches.append(batch)
     batch = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "scales", "cond_embeds", "rewards", "prompt_ids")}
     batch["timesteps"] = pipe.scheduler.timesteps
-    shown = (batches[0]["images"], [prompts[k] for k in batches[0]["prompt_ids"]], batches[0]["rewards"])  # for the image grid
     # 2. Advantages from the rewards of every process, normalised per prompt.
     rewards, prompt_ids = all_gather(batch["rewards"], world), all_gather(batch["prompt_ids"], world)
     stats = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item())
