@@ -77,8 +77,8 @@ class Args:
     timestep_fraction: float = arg(1.0, "DDPO: fraction of the denoising steps trained on per sample")
     clip_range: float = arg(1e-4, "DDPO: PPO clip range eps of the likelihood ratio (paper: 1e-4)")
     adv_clip_max: float = arg(5.0, "DDPO: advantages are clipped to [-adv_clip_max, adv_clip_max]")
-    backprop_steps: int = arg(None, "AlignProp: K, the last K steps keep the UNet gradient (default: --steps)")
-    backprop_fixed: bool = arg(False, "AlignProp: use K = --backprop-steps always, not K ~ U{1..K} per batch")
+    backprop_steps: int = arg(None, "AlignProp: a fixed K, the last K steps keep the UNet gradient (default: K ~ U{1..steps})")
+    backprop_random: bool = arg(False, "AlignProp: draw K ~ U{1..--backprop-steps} once per batch instead of a fixed K")
     loss_coeff: float = arg(1.0, "AlignProp: loss = -loss_coeff * mean(reward)")
     seed: int = arg(0, "random seed")
     out: str = arg(None, "run directory (default: runs/METHOD-REWARD-diffexp|baseline-sSEED)")
@@ -87,8 +87,8 @@ class Args:
     eval_prompts: str = arg("unseen_animals", "prompt set for evaluation on unseen prompts")
     eval_every: int = arg(10, "evaluate (plain sampling, fixed noise) every N epochs and at the end; 0 = never")
     eval_reward: str = arg(None, "an extra reward scored at evaluation only, e.g. imagereward")
-    save_every: int = arg(10, "checkpoint every N epochs and at the end")
-    resume: str = arg(None, "continue the run in this directory from its last checkpoint")
+    save_every: int = arg(10, "checkpoint every N epochs and at the end; 0 = at the end only")
+    resume: str = arg(None, "continue the run in this directory from its last checkpoint, with its settings")
     overwrite: bool = arg(False, "delete an existing --out directory instead of refusing it")
     wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
     plot: list = arg(None, "draw reward against reward queries for these run directories, then exit")
@@ -330,7 +330,9 @@ def load_pipeline(model, lora_rank, device, dtype):
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
-    pipe.to(device, dtype)
+    if model == "tiny" and dtype != torch.float32:
+        pipe.to(dtype=dtype)  # random weights are made in fp32; a hub model was loaded in `dtype`
+    pipe.to(device)
     pipe.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     for p in pipe.unet.parameters():
         if p.requires_grad:
@@ -478,6 +480,7 @@ def alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimize
     n, mb = args.batch_size // world, args.micro_batch_size
     per_update = args.train_batch_size // world // mb
     K_max = args.backprop_steps or args.steps
+    random_K = args.backprop_random or args.backprop_steps is None
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
     rewards, losses, skipped, finite = [], [], 0, True
     for m in tqdm(range(n // mb), desc="alignprop", disable=not is_main()):
@@ -485,7 +488,7 @@ def alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimize
         batch_prompts = [prompts[k] for k in prompt_ids]
         # One truncation depth K per batch, K ~ U{1..K_max} (the paper's AlignProp); AlignProp's public
         # code instead redraws the cut at every denoising step.
-        K = K_max if args.backprop_fixed else int(torch.randint(1, K_max + 1, (1,), generator=generator))
+        K = int(torch.randint(1, K_max + 1, (1,), generator=generator)) if random_K else K_max
         out = sample_batch(pipe, batch_prompts, args, explore, generator, backprop_steps=K, checkpoint=True)
         reward = reward_fn(out["images"], batch_prompts)
         loss = -args.loss_coeff * reward.mean()
@@ -655,8 +658,10 @@ def save_checkpoint(run_dir, pipe, optimizer, scaler, tracker, epoch):
 def load_checkpoint(run_dir, pipe, optimizer, scaler, tracker):
     """Restore what save_checkpoint wrote; returns the number of epochs already done."""
     path = os.path.join(run_dir, "checkpoint")
+    if not os.path.exists(path):  # a crash between save_checkpoint's two renames leaves checkpoint.old
+        path = os.path.join(run_dir, "checkpoint.old")
     if not os.path.exists(os.path.join(path, "state.pt")):
-        raise ValueError(f"--resume {run_dir}: no checkpoint in it (expected {path}/state.pt).")
+        raise ValueError(f"--resume {run_dir}: no checkpoint in it (expected {run_dir}/checkpoint/state.pt).")
     load_lora(pipe.unet, path)
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
@@ -704,10 +709,11 @@ RESUMABLE_CHANGES = {"epochs", "resume", "out", "overwrite", "eval_every", "eval
 
 def parse_args(argv=None):
     """Args from the command line: one flag per field; unset settings take the method's (and
-    --model tiny's) defaults; bad input stops here with one clear line."""
+    --model tiny's) defaults, or with --resume the run's own; bad input stops here with one line."""
     import rewards
 
     parser = argparse.ArgumentParser(description="DiffExp reward fine-tuning (DDPO / AlignProp) of Stable Diffusion.")
+    parser.error = lambda message: parser.exit(2, f"error: {message}\n")  # one line, without the usage block
     for f in dataclasses.fields(Args):
         flag, doc = "--" + f.name.replace("_", "-"), f.metadata["doc"]
         if f.type is bool:
@@ -716,7 +722,19 @@ def parse_args(argv=None):
             parser.add_argument(flag, nargs="+", help=doc)
         else:
             parser.add_argument(flag, type=f.type, default=f.default, help=doc, choices={"method": list(METHOD_DEFAULTS), "dtype": ["fp32", "fp16", "bf16"]}.get(f.name))
-    args = Args(**vars(parser.parse_args(argv)))
+    namespace = parser.parse_args(argv)
+    if namespace.resume:  # the run's own settings are the defaults; a flag given again must agree with them
+        config_path = os.path.join(namespace.resume, "config.json")
+        if not os.path.exists(config_path):
+            parser.error(f"--resume {namespace.resume}: no config.json there; is it a run directory?")
+        with open(config_path) as f:
+            saved = json.load(f)
+        parser.set_defaults(**{name: value for name, value in saved.items() if name not in RESUMABLE_CHANGES})
+        namespace = parser.parse_args(argv)
+        for name, value in vars(namespace).items():
+            if name not in RESUMABLE_CHANGES and saved.get(name) != value:
+                parser.error(f"--resume {namespace.resume}: setting {name} was {saved.get(name)!r} there and is {value!r} now; resume with the same settings.")
+    args = Args(**vars(namespace))
     for defaults in (TINY_DEFAULTS if args.model == "tiny" else {}, METHOD_DEFAULTS[args.method], COMMON_DEFAULTS):
         for name, value in defaults.items():
             if getattr(args, name) is None:
@@ -730,11 +748,18 @@ def parse_args(argv=None):
         sets = load_prompt_sets()
     except ValueError as e:
         parser.error(str(e))
+    try:
+        torch.device(args.device or "cpu")
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; use e.g. cuda, cuda:1 or cpu.")
     for name in (args.prompts, args.eval_prompts):
         if name not in sets:
             parser.error(f"unknown prompt set {name!r}; prompts.txt has: {', '.join(sets)}.")
         if not sets[name]:
             parser.error(f"prompt set {name!r} in prompts.txt is empty; add prompts under [{name}].")
+    for name in ("epochs", "batch_size", "micro_batch_size", "train_batch_size", "steps", "lora_rank", "inner_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1.")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= args.t_thres < 1000:
         parser.error(f"--t-thres {args.t_thres} is outside [0, 1000): it is a timestep of SD's 1000-step schedule.")
@@ -751,37 +776,49 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not a multiple of {world} process(es) x --micro-batch-size {args.micro_batch_size}.")
     if args.batch_size % args.train_batch_size:
         parser.error(f"--batch-size {args.batch_size} is not a multiple of --train-batch-size {args.train_batch_size}.")
+    if not args.generate:
+        args.out = args.resume or args.out or f"runs/{args.method}-{args.reward}-{'baseline' if args.no_explore else 'diffexp'}-s{args.seed}"
+        if not args.resume and os.path.exists(args.out) and not args.overwrite:
+            parser.error(f"run directory {args.out} exists; pass --resume {args.out} to continue it, --overwrite to replace it, or another --out.")
     return args
 
 
-def prepare_run_dir(args):
-    """The run directory: refuse an existing one unless --resume (same settings) or --overwrite."""
+def on_rank0(write, *args):
+    """Run `write` (file output) on rank 0 only, then share its outcome with every process, so that a
+    failed write stops all of them together instead of leaving the others in their next collective."""
+    error = None
+    if is_main():
+        try:
+            write(*args)
+        except OSError as e:
+            error = str(e)
+    if torch.distributed.is_initialized():
+        message = [error]
+        torch.distributed.broadcast_object_list(message, src=0)
+        error = message[0]
+    if error:
+        raise OSError(error)
+
+
+def start_run_dir(args, start):
+    """Create the run directory (replacing it with --overwrite) and write config.json; on --resume, drop
+    the log lines of epochs after the checkpoint, which the resumed run is about to redo."""
     import shutil
 
-    run_dir = args.resume or args.out or f"runs/{args.method}-{args.reward}-{'baseline' if args.no_explore else 'diffexp'}-s{args.seed}"
-    config_path = os.path.join(run_dir, "config.json")
-    if args.resume:
-        if not os.path.exists(config_path):
-            raise ValueError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-        with open(config_path) as f:
-            saved = json.load(f)
-        for name, value in dataclasses.asdict(args).items():
-            if name not in RESUMABLE_CHANGES and saved.get(name) != value:
-                raise ValueError(f"--resume {run_dir}: setting {name} was {saved.get(name)!r} there and is {value!r} now; resume with the same settings.")
-    elif os.path.exists(run_dir) and not args.overwrite:
-        raise ValueError(f"run directory {run_dir} exists; pass --resume {run_dir} to continue it, --overwrite to replace it, or another --out.")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every process has checked before rank 0 changes anything
-    if is_main():
-        if os.path.exists(run_dir) and not args.resume:
-            shutil.rmtree(run_dir)  # --overwrite
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(config_path, "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=1)
-        except OSError as e:
-            raise ValueError(f"cannot write to run directory {run_dir} ({e.strerror or e}); choose a writable --out.") from None
-    return run_dir
+    try:
+        if os.path.exists(args.out) and not args.resume:
+            shutil.rmtree(args.out)  # --overwrite
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+        log_path = os.path.join(args.out, "log.jsonl")
+        if args.resume and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["epoch"] <= start]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+    except OSError as e:
+        raise OSError(f"cannot write to run directory {args.out} ({e.strerror or e}); choose a writable --out.") from None
 
 
 STOP_SIGNALS = []  # filled by SIGINT / SIGTERM: the run finishes its epoch, saves and exits 0
@@ -799,19 +836,20 @@ def main(argv=None):
         except ValueError as e:
             sys.exit(f"error: {e}")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world > 1:
+    try:  # set-up: every failure here (no GPU, missing model, download, disk) is one line, not a traceback
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no CUDA GPU is visible; use --device cpu.")
+        if world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if is_main():
-        print(f"device {device}, frozen weights {dtype}, LoRA weights and losses fp32, {world} process(es)")
-    try:  # set-up: every failure here (missing model, download, disk) is one line, not a traceback
-        run_dir = args.generate or prepare_run_dir(args)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if is_main():
+            print(f"device {device}, frozen weights {dtype}, LoRA weights and losses fp32, {world} process(es)")
         torch.manual_seed(args.seed)  # the LoRA's random initialisation
         pipe = load_pipeline(args.model, args.lora_rank, device, dtype)
         pipe.scheduler.set_timesteps(args.steps)
@@ -825,71 +863,69 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(lora, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients need loss scaling
         tracker = PerPromptStatTracker(buffer_size=32, min_count=16) if args.method == "ddpo" else None
-        start = load_checkpoint(run_dir, pipe, optimizer, scaler, tracker) if args.resume else 0
+        start = load_checkpoint(args.out, pipe, optimizer, scaler, tracker) if args.resume else 0
+        on_rank0(start_run_dir, args, start)  # only now, so that a failed set-up leaves no directory behind
         if args.wandb and is_main():
             import wandb
 
-            wandb.init(project="diffexp", name=os.path.basename(run_dir), config=dataclasses.asdict(args))
+            wandb.init(project="diffexp", name=os.path.basename(args.out), config=dataclasses.asdict(args))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
+        train(pipe, reward_fn, eval_fns, sets, args, optimizer, scaler, tracker, start, world, rank)
     except (ValueError, OSError, RuntimeError, ImportError) as e:
-        sys.exit(f"error: {e}")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
-    try:
-        train(pipe, reward_fn, eval_fns, sets, args, optimizer, scaler, tracker, start, run_dir, world, rank)
-    except OSError as e:  # a full disk or a vanished run directory: the last good checkpoint is intact
         sys.exit(f"error: {e}")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def train(pipe, reward_fn, eval_fns, sets, args, optimizer, scaler, tracker, start, run_dir, world, rank):
+def train(pipe, reward_fn, eval_fns, sets, args, optimizer, scaler, tracker, start, world, rank):
     """The epochs: DiffExp sampling for the first 3/4 of them, a DDPO or AlignProp update, evaluation,
     one log line, checkpoints. Every process runs every collective; rank 0 alone writes files."""
     prompts, eval_sets = sets[args.prompts], {"seen": sets[args.prompts], "unseen": sets[args.eval_prompts]}
 
-    def evaluate_and_save_grids(row, epoch):
+    def write_epoch(row, grids, save):  # rank 0's files for one epoch
+        for name, (images, captions) in grids.items():
+            save_grid(os.path.join(args.out, f"{name}_{row['epoch']:04d}.png"), images, captions)
+        print(json.dumps(row))
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if args.wandb:
+            import wandb
+
+            wandb.log(row, step=row["reward_queries"])
+        if save:
+            save_checkpoint(args.out, pipe, optimizer, scaler, tracker, row["epoch"])
+
+    def evaluate_into(row, grids):
         metrics, shown = evaluate(pipe, eval_fns, eval_sets, args, world)
-        for set_name, (images, captions) in shown.items():
-            if is_main():
-                save_grid(os.path.join(run_dir, f"eval_{set_name}_{epoch:04d}.png"), images, captions)
+        grids |= {f"eval_{set_name}": images_and_prompts for set_name, images_and_prompts in shown.items()}
         return row | metrics
 
-    def log(row):
-        if is_main():
-            print(json.dumps(row))
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if args.wandb:
-                import wandb
-
-                wandb.log(row, step=row["reward_queries"])
-
     if start == 0 and args.eval_every:  # the starting model, so that curves begin at 0 reward queries
-        log(evaluate_and_save_grids(dict(epoch=0, reward_queries=0), 0))
+        grids = {}
+        on_rank0(write_epoch, evaluate_into(dict(epoch=0, reward_queries=0), grids), grids, False)
     for epoch in range(start + 1, args.epochs + 1):
-        # rounded up, so that a 2-epoch run resumed to 4 explores exactly like an unbroken 4-epoch run
+        # Rounded up: a run of 2 (or 3) epochs resumed to 4 explores as an unbroken 4-epoch run does.
+        # Changing --epochs on resume moves the cut-off in general.
         explore = not args.no_explore and epoch <= math.ceil(EXPLORE_FRACTION * args.epochs)
         generator = seeded_generator(args.seed, epoch, rank)
         if args.method == "ddpo":
-            row, shown = ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, scaler, tracker, world)
+            row, (images, captions, rewards) = ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, scaler, tracker, world)
         else:
-            row, shown = alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, scaler, world)
+            row, (images, captions, rewards) = alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, scaler, world)
         row = dict(epoch=epoch, reward_queries=epoch * args.batch_size, explore=explore) | row
-        if is_main():
-            images, captions, rewards = shown
-            save_grid(os.path.join(run_dir, f"train_{epoch:04d}.png"), images, [f"{c} {r:.3g}" for c, r in zip(captions, rewards.tolist())])
+        grids = {"train": (images, [f"{c} {r:.3g}" for c, r in zip(captions, rewards.tolist())])}
         if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.epochs):
-            row = evaluate_and_save_grids(row, epoch)
+            row = evaluate_into(row, grids)
         stopping = torch.tensor([float(bool(STOP_SIGNALS))], device=pipe.device)
         if world > 1:  # stop together: one process's signal stops all of them after the same epoch
             torch.distributed.all_reduce(stopping, op=torch.distributed.ReduceOp.MAX)
-        log(row)
-        if is_main() and (epoch % args.save_every == 0 or epoch == args.epochs or stopping.item()):
-            save_checkpoint(run_dir, pipe, optimizer, scaler, tracker, epoch)
+        save = epoch == args.epochs or bool(stopping.item()) or (args.save_every > 0 and epoch % args.save_every == 0)
+        on_rank0(write_epoch, row, grids, save)
         if stopping.item():
             if is_main():
-                print(f"stopped by signal after epoch {epoch}; continue with --resume {run_dir}")
+                print(f"stopped by signal after epoch {epoch}; continue with --resume {args.out}")
             break
 
 

@@ -21,6 +21,7 @@ import rewards
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+UNUSED_OUT = ["--out", os.path.join(HERE, "runs", "never-created-by-tests")]  # for tests that only need an Args
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +299,13 @@ def test_ddpo_recomputed_log_probs_are_on_policy(pipe):
                 log_prob = diffexp.ddpo_log_prob(pipe, batch, i, torch.full((2,), s), uncond, 1.0)
                 ratio = (log_prob - batch["log_probs"][:, s]).exp()
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
+            # as ddpo_epoch does it: per-sample shuffled steps, so one UNet call mixes w = 1 and CFG samples
+            order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b)) for b in range(2)])  # [2, 10]
+            for j in range(10):
+                s = order[:, j]
+                ratio = (diffexp.ddpo_log_prob(pipe, batch, i, s, uncond, 1.0) - batch["log_probs"][i, s]).exp()
+                assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
+            assert (batch["scales"][0, order[0]] != batch["scales"][1, order[1]]).any()  # the mixed case occurred
             # the same recomputation without the exploration's scale or embedding is off-policy
             plain = dict(batch, scales=torch.full_like(batch["scales"], 5.0), cond_embeds=diffexp.encode_prompts(pipe, ["a dolphin riding a bike", "a cat playing chess"])[0])
             off = [(diffexp.ddpo_log_prob(pipe, plain, i, torch.full((2,), s), uncond, 1.0) - batch["log_probs"][:, s]).exp() for s in range(10)]
@@ -316,7 +324,7 @@ def train_tiny(method, reward_fn, epochs, lr=1e-2, extra=()):
     """A few epochs of `method` on a fresh tiny pipeline; returns the pipeline, the eval reward on fixed
     noise before and after, and the state dicts before and after training."""
     args = diffexp.parse_args(["--method", method, "--reward", "jpeg" if method == "ddpo" else "aesthetic", "--model", "tiny", "--steps", "10",
-                               "--batch-size", "8", "--train-batch-size", "8", "--micro-batch-size", "4", "--lr", str(lr), *extra])
+                               "--batch-size", "8", "--train-batch-size", "8", "--micro-batch-size", "4", "--lr", str(lr), *UNUSED_OUT, *extra])
     torch.manual_seed(0)
     p = diffexp.load_pipeline("tiny", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(args.steps)
@@ -507,13 +515,18 @@ def lora_weights(run_dir):
     (["--prompts", "plants"], "unknown prompt set 'plants'; prompts.txt has: animals, unseen_animals"),
     (["--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
     (["--backprop-steps", "60"], "--backprop-steps must be between 1 and --steps"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--resume", "/nonexistent/run"], "no config.json there"),
 ])
 def test_bad_arguments_fail_with_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         diffexp.parse_args(["--model", "tiny", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]  # one line, no usage block
 
 
 def test_empty_prompt_set_is_refused(tmp_path, monkeypatch, capsys):
@@ -571,7 +584,7 @@ def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
 
 
 @pytest.mark.parametrize("method, reward", [("ddpo", "jpeg"), ("alignprop", "aesthetic")])
-def test_resume_continues_exactly(tmp_path, method, reward):
+def test_resume_continues_exactly(tmp_path, method, reward, capsys):
     """4 epochs in one run, and 2 + 2 with a resume, end with the same LoRA weights."""
     common = ["--method", method, "--reward", reward, *TINY_RUN, "--eval-every", "0", "--save-every", "1"]
     one, split = str(tmp_path / "one"), str(tmp_path / "split")
@@ -584,13 +597,20 @@ def test_resume_continues_exactly(tmp_path, method, reward):
     assert [r["epoch"] for r in read_log(split)] == [1, 2, 3, 4]
     assert [r["reward_mean"] for r in read_log(split)] == [r["reward_mean"] for r in read_log(one)]
     # a resume with a setting that changes the run is refused, naming the setting
-    with pytest.raises(SystemExit, match="setting lr was 0.01 there and is 0.5 now"):
+    with pytest.raises(SystemExit):
         diffexp.main([*common, "--epochs", "5", "--lr", "0.5", "--resume", split])
+    assert "setting lr was 0.01 there and is 0.5 now" in capsys.readouterr().err
+    # `--resume DIR` alone takes the run's own settings; its log loses the epochs after the checkpoint
+    with open(os.path.join(split, "log.jsonl"), "a") as f:
+        f.write(json.dumps(dict(epoch=5, reward_queries=20)) + "\n")  # as if a crash came before its checkpoint
+    diffexp.main(["--resume", split, "--epochs", "5"])
+    assert [r["epoch"] for r in read_log(split)] == [1, 2, 3, 4, 5]
+    assert json.load(open(os.path.join(split, "config.json")))["method"] == method
 
 
 def test_nan_reward_skips_the_update(pipe):
     """A NaN reward skips the update (never NaN weights) and is counted in the log row."""
-    args = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN])
+    args = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, *UNUSED_OUT])
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in lora]
     optimizer = torch.optim.AdamW(lora, lr=0.1)
@@ -600,7 +620,7 @@ def test_nan_reward_skips_the_update(pipe):
     try:
         row, _ = diffexp.ddpo_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0), optimizer, scaler, diffexp.PerPromptStatTracker(32, 16), 1)
         assert row["skipped_updates"] == 1 and math.isnan(row["reward_mean"])
-        args = diffexp.parse_args(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN])
+        args = diffexp.parse_args(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, *UNUSED_OUT])
         row, _ = diffexp.alignprop_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0), optimizer, scaler, 1)
         assert row["skipped_updates"] == 1 and math.isnan(row["loss"])
     finally:
@@ -625,6 +645,21 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(run)) == ["checkpoint", "config.json", "log.jsonl", "train_0001.png", "train_0002.png"]
 
 
+def test_failed_setup_leaves_no_run_directory(tmp_path):
+    run = str(tmp_path / "run")
+    code, _, err = run_cli("--model", "nobody/no-such-model", "--out", run)
+    assert code != 0 and not os.path.exists(run)
+
+
+def test_resume_after_a_crash_between_the_checkpoint_renames(tmp_path):
+    run = str(tmp_path / "run")
+    common = ["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--eval-every", "0"]
+    diffexp.main([*common, "--epochs", "1", "--out", run])
+    os.rename(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.old"))  # the window between the renames
+    diffexp.main([*common, "--epochs", "2", "--resume", run])
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+
+
 def test_unwritable_run_directory_is_one_clear_error(tmp_path):
     (tmp_path / "a_file").write_text("")
     code, _, err = run_cli("--method", "alignprop", *TINY_RUN, "--out", str(tmp_path / "a_file" / "run"))
@@ -647,7 +682,8 @@ def test_sigint_finishes_the_epoch_saves_and_exits_zero(tmp_path):
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == epochs[-1]
 
 
-def test_two_processes_end_with_identical_lora(tmp_path):
+@pytest.mark.parametrize("method, reward", [("ddpo", "jpeg"), ("alignprop", "aesthetic")])
+def test_two_processes_end_with_identical_lora(tmp_path, method, reward):
     """torchrun with 2 CPU processes (gloo): different samples per rank, averaged gradients, the same LoRA."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(f"""
@@ -664,7 +700,7 @@ diffexp.main(sys.argv[1:])
 """)
     run = str(tmp_path / "run")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-                           "--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run],
+                           "--method", method, "--reward", reward, *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
