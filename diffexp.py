@@ -9,6 +9,7 @@ DiffExp changes only how the online samples are drawn during fine-tuning:
            empty prompt, c'_i = c_empty_i + alpha * (c_i - c_empty_i), alpha ~ U(alpha_min, alpha_max).
 
 Both run for the first 3/4 of the training epochs only; after that sampling is plain CFG.
+The same code runs SD 1.5 and SDXL (two text encoders, pooled embedding and size ids).
 
 Paper map (equation -> function):
   Eq. (2)-(3) DDIM transition as a Gaussian policy  -> ddim_step_with_logprob
@@ -55,7 +56,7 @@ def arg(default, doc):
 class Args:
     method: str = arg("alignprop", "fine-tuning method: ddpo (policy gradient) or alignprop (reward backprop)")
     reward: str = arg("aesthetic", "reward from rewards.py: aesthetic, pickscore, hps, jpeg, or an ensemble a+b+c")
-    model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local SD directory; 'tiny' = random offline CPU model")
+    model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or directory of an SD 1.x or SDXL pipeline; tiny, tiny-sdxl: random, offline")
     prompts: str = arg("animals", "training prompt set, a [section] of prompts.txt")
     epochs: int = arg(None, "training epochs, each samples --batch-size images (ours: 200; tiny: 6)")
     batch_size: int = arg(None, "images sampled per epoch over all processes (paper: 64; tiny: 16)")
@@ -151,25 +152,31 @@ def draw_prompt_weights(input_ids, special_ids, alpha_min, alpha_max, generator)
 # The sampler: Eq. (4) guidance, Eq. (2)-(3) DDIM steps with log-probs, the denoising loop.
 
 
-def cfg_noise_pred(unet, x_t, t, cond_embeds, uncond_embeds, w):
+def cfg_noise_pred(unet, x_t, t, cond, uncond, w):
     """Eq. (4): eps = eps(x_t, t, c_empty) + w * (eps(x_t, t, c) - eps(x_t, t, c_empty)).
 
+    cond and uncond are the UNet's text conditioning for the two branches, dicts of tensors [B or 1, ...]:
+    {"encoder_hidden_states"} for SD 1.5, plus SDXL's pooled "text_embeds" and size "time_ids".
     t is a timestep or one per sample [B]; w a scale or one per sample [B]. When every w is 1 the
     result is eps(x_t, t, c) and when every w is 0 it is eps(x_t, t, c_empty): those steps run ONE
-    UNet branch on B samples instead of the batched pair on 2B. x_t is cast to the embeddings' dtype
-    (the frozen weights' fp16/bf16 on GPU); the returned eps [B, C, h, w] is fp32, like the latents.
+    UNet branch on B samples instead of the batched pair on 2B. x_t is cast to the conditioning's
+    dtype (the frozen weights' fp16/bf16 on GPU); the returned eps [B, C, h, w] is fp32.
     """
-    B, dtype = x_t.shape[0], cond_embeds.dtype  # the text encoder's dtype is the frozen weights' dtype
+    B, dtype = x_t.shape[0], cond["encoder_hidden_states"].dtype
     t = torch.as_tensor(t, device=x_t.device).expand(B)  # [B]
     w = torch.as_tensor(w, device=x_t.device, dtype=torch.float32).expand(B)  # [B]
-    uncond_embeds = uncond_embeds.expand(B, -1, -1)  # [1 or B, L, D] -> [B, L, D]
+
+    def eps(x, t, c):  # SDXL's pooled text embedding and size ids go in added_cond_kwargs
+        added = {k: v.to(dtype) for k, v in c.items() if k != "encoder_hidden_states"}
+        return unet(x.to(dtype), t, encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added or None).sample.float()
+
     if (w == 1).all():
-        return unet(x_t.to(dtype), t, encoder_hidden_states=cond_embeds.to(dtype)).sample.float()
+        return eps(x_t, t, cond)
+    uncond = {k: v.expand_as(cond[k]) for k, v in uncond.items()}  # [1 or B, ...] -> [B, ...]
     if (w == 0).all():
-        return unet(x_t.to(dtype), t, encoder_hidden_states=uncond_embeds.to(dtype)).sample.float()
-    x_in = torch.cat([x_t, x_t]).to(dtype)  # [2B, C, h, w], unconditional half first (as diffusers)
-    embeds = torch.cat([uncond_embeds, cond_embeds]).to(dtype)  # [2B, L, D]
-    eps_uncond, eps_cond = unet(x_in, torch.cat([t, t]), encoder_hidden_states=embeds).sample.float().chunk(2)
+        return eps(x_t, t, uncond)
+    pair = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # [2B, ...], unconditional half first (as diffusers)
+    eps_uncond, eps_cond = eps(torch.cat([x_t, x_t]), torch.cat([t, t]), pair).chunk(2)
     return eps_uncond + w.view(B, 1, 1, 1) * (eps_cond - eps_uncond)
 
 
@@ -217,19 +224,19 @@ def decode_latents(vae, latents):
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def sample(pipe, cond_embeds, uncond_embeds, scales, latents, eta, generator=None, backprop_steps=None, checkpoint=False):
+def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_steps=None, checkpoint=False):
     """The DDIM denoising loop with a guidance scale per step (Eq. 7) and an embedding per sample (Eq. 8).
 
-    pipe.scheduler must have had set_timesteps(T). cond_embeds [B, L, D] are the (weighted) prompt
-    embeddings, uncond_embeds [1 or B, L, D] those of "", scales [T] one CFG scale per step,
-    latents [B, C, h, w] the initial noise x_T.
+    pipe.scheduler must have had set_timesteps(T). cond is the (weighted) text conditioning of the
+    prompts and uncond that of "" (see cfg_noise_pred; encode_prompts makes them), scales [T] one CFG
+    scale per step, latents [B, C, h, w] the initial noise x_T.
     Gradients are the caller's choice: under torch.no_grad() nothing is recorded. Under grad,
     backprop_steps=K keeps the graph of the last K steps only (AlignProp's truncated backprop): the
     earlier steps run under no_grad and save nothing, which is the same as detaching their eps since
     x_t depends on the weights only through eps. checkpoint=True recomputes every UNet call and the
     VAE decode in backward instead of storing activations, so memory stays flat in K and T.
     Returns a dict: latents [B, T+1, C, h, w] (x_T ... x_0), log_probs [B, T] (None if eta == 0),
-    timesteps [T], scales [B, T], cond_embeds [B, L, D], images [B, 3, H, W] in [0, 1].
+    timesteps [T], scales [B, T], cond (the conditioning used), images [B, 3, H, W] in [0, 1].
     """
     timesteps = pipe.scheduler.timesteps
     T = len(timesteps)
@@ -239,7 +246,7 @@ def sample(pipe, cond_embeds, uncond_embeds, scales, latents, eta, generator=Non
     for i, t in enumerate(timesteps):
         keep_graph = torch.is_grad_enabled() and (backprop_steps is None or i >= T - backprop_steps)
         with torch.set_grad_enabled(keep_graph):
-            inputs = (pipe.unet, x_t, t, cond_embeds, uncond_embeds, scales[i])
+            inputs = (pipe.unet, x_t, t, cond, uncond, scales[i])
             if keep_graph and checkpoint:
                 eps = torch.utils.checkpoint.checkpoint(cfg_noise_pred, *inputs, use_reentrant=False)
             else:
@@ -256,7 +263,7 @@ def sample(pipe, cond_embeds, uncond_embeds, scales, latents, eta, generator=Non
         log_probs=None if eta == 0 else torch.stack(log_probs, dim=1),  # T x [B] -> [B, T]
         timesteps=timesteps,
         scales=torch.as_tensor(scales).expand(latents.shape[0], -1),  # [T] -> [B, T], stored per sample for DDPO
-        cond_embeds=cond_embeds,
+        cond=cond,
         images=images,
     )
 
@@ -265,15 +272,16 @@ def sample(pipe, cond_embeds, uncond_embeds, scales, latents, eta, generator=Non
 # Models: the tiny offline pipeline, the real one with LoRA, prompt encoding.
 
 
-def tiny_pipeline(seed=0):
+def tiny_pipeline(seed=0, sdxl=False):
     """A random Stable Diffusion pipeline small enough for a CPU (32x32 images, 16x16 latents), built
-    with no download. Its tokenizer is SD 1.5's real CLIP tokenizer, rebuilt from the BPE vocabulary
-    that open_clip ships: the 256 byte symbols, the same with '</w>', the 48,894 merges, then
-    <|startoftext|> and <|endoftext|> (ids 49406, 49407; padding is <|endoftext|> as in SD 1.5).
-    Saved with save_pretrained, it loads back through load_pipeline like a hub model."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    with no download; with sdxl=True a StableDiffusionXLPipeline of the same size, with SDXL's two
+    text encoders, pooled embedding and size conditioning. Its tokenizer is SD's real CLIP tokenizer,
+    rebuilt from the BPE vocabulary that open_clip ships: the 256 byte symbols, the same with '</w>',
+    the 48,894 merges, then <|startoftext|> and <|endoftext|> (ids 49406, 49407; padding is
+    <|endoftext|> as in SD 1.5). Saved with save_pretrained, it loads back through load_pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]  # the lines open_clip's SimpleTokenizer reads
@@ -285,22 +293,30 @@ def tiny_pipeline(seed=0):
         with open(os.path.join(d, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         tokenizer = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32,
+    )
+    # SDXL's UNet adds the pooled text embedding (32) and six size ids (8 each) to its time embedding
+    sdxl_unet = dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
     with torch.random.fork_rng():  # random weights from `seed`, without touching the global RNG
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64 if sdxl else 32, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **(sdxl_unet if sdxl else {}),
         )
         vae = AutoencoderKL(
             block_out_channels=(32, 64), latent_channels=4, sample_size=32,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
-    # SD 1.5's noise schedule; its hub config uses a PNDM scheduler with these betas
+        text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config) if sdxl else None
+    # SD's noise schedule; the hub configs use other schedulers with these betas
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if sdxl:
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+        )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -308,30 +324,35 @@ def tiny_pipeline(seed=0):
 
 
 def load_pipeline(model, lora_rank, device, dtype):
-    """An SD pipeline from a hub id, a local directory or "tiny" (tiny_pipeline), with a DDIM scheduler,
-    frozen weights in `dtype` on `device`, and a trainable fp32 PEFT LoRA of rank `lora_rank` on the
-    UNet's attention projections to_q, to_k, to_v, to_out.0 (B initialised to zero: the LoRA starts
-    as the identity)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """An SD 1.5 or SDXL pipeline from a hub id, a local directory, "tiny" or "tiny-sdxl"
+    (tiny_pipeline), with a DDIM scheduler, frozen weights in `dtype` on `device`, and a trainable
+    fp32 PEFT LoRA of rank `lora_rank` on the UNet's attention projections to_q, to_k, to_v, to_out.0
+    (B initialised to zero: the LoRA starts as the identity). SDXL's VAE stays fp32: it overflows in
+    fp16."""
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    if model == "tiny":
-        pipe = tiny_pipeline()
+    if model in ("tiny", "tiny-sdxl"):
+        pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)  # random weights are made in fp32; a hub model is loaded in `dtype`
     else:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot load --model {model!r} ({reason}); check the hub id or directory, or use --model tiny to run offline.") from None
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ValueError(f"--model {model!r} is a {type(pipe).__name__}; this code fine-tunes Stable Diffusion 1.x and SDXL pipelines.")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # DDPO's policy is the DDIM step
     if pipe.scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"{model!r} predicts {pipe.scheduler.config.prediction_type!r}; this code implements epsilon prediction (SD 1.x) only.")
+        raise ValueError(f"{model!r} predicts {pipe.scheduler.config.prediction_type!r}; this code implements epsilon prediction only.")
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    if model == "tiny" and dtype != torch.float32:
-        pipe.to(dtype=dtype)  # random weights are made in fp32; a hub model was loaded in `dtype`
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        pipe.vae.float()
     pipe.to(device)
     pipe.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     for p in pipe.unet.parameters():
@@ -340,33 +361,48 @@ def load_pipeline(model, lora_rank, device, dtype):
     return pipe
 
 
-@torch.no_grad()  # the text encoder is frozen
+@torch.no_grad()  # the text encoders are frozen
 def encode_prompts(pipe, prompts):
-    """Prompt embeddings c [B, L, D] from the text encoder's last layer (as StableDiffusionPipeline),
-    and the token ids [B, L] (CPU) that Eq. 8's draw needs."""
-    tok = pipe.tokenizer
-    input_ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(input_ids.to(pipe.device))[0], input_ids
+    """The UNet's text conditioning for `prompts` (as StableDiffusion[XL]Pipeline computes it) and the
+    token ids [B, L] (CPU) that Eq. 8's draw needs. SD 1.5: {"encoder_hidden_states": the text
+    encoder's last layer [B, L, 768]}. SDXL: the two encoders' penultimate layers side by side
+    [B, L, 768 + 1280], the second encoder's pooled "text_embeds" [B, 1280], and the "time_ids"
+    [B, 6] (original size, crop corner, target size; here all the default resolution, no crop)."""
+    def token_ids(tokenizer):
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+    input_ids = token_ids(pipe.tokenizer)
+    if not hasattr(pipe, "text_encoder_2"):
+        return {"encoder_hidden_states": pipe.text_encoder(input_ids.to(pipe.device))[0]}, input_ids
+    first = pipe.text_encoder(input_ids.to(pipe.device), output_hidden_states=True)
+    second = pipe.text_encoder_2(token_ids(pipe.tokenizer_2).to(pipe.device), output_hidden_states=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pipe.device).expand(len(prompts), -1)  # [B, 6]
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # [B, L, 768 + 1280]
+    return {"encoder_hidden_states": hidden, "text_embeds": second.text_embeds, "time_ids": time_ids}, input_ids
 
 
 def sample_batch(pipe, prompts, args, explore, generator, **sample_kwargs):
     """Draw one batch for `prompts`: x_T ~ N(0, I) from `generator`; with `explore`, DiffExp's
     Eq. 8 weighting (per sample) and Eq. 7 schedule, else plain CFG at w_high. Returns sample()'s dict.
     pipe.scheduler must have had set_timesteps(args.steps)."""
-    cond_embeds, input_ids = encode_prompts(pipe, prompts)
-    empty_embeds, _ = encode_prompts(pipe, [""])  # c_empty [1, L, D]
+    cond, input_ids = encode_prompts(pipe, prompts)
+    uncond, _ = encode_prompts(pipe, [""])  # c_empty, [1, ...]
     timesteps = pipe.scheduler.timesteps
     if explore:
         tok = pipe.tokenizer
         special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
         token_index, alpha = draw_prompt_weights(input_ids, special, args.alpha_min, args.alpha_max, generator)
-        cond_embeds = weight_prompt_embeds(cond_embeds, empty_embeds, token_index, alpha)
+        # Eq. 8 weights the per-token embeddings (on SDXL both encoders' at once); SDXL's pooled
+        # embedding summarises the whole prompt and stays as it is.
+        weighted = weight_prompt_embeds(cond["encoder_hidden_states"], uncond["encoder_hidden_states"], token_index, alpha)
+        cond = cond | {"encoder_hidden_states": weighted}
         scales = cfg_scale_schedule(timesteps, args.w_low, args.w_high, args.t_thres)
     else:
         scales = torch.full((len(timesteps),), float(args.w_high))
     size = pipe.unet.config.sample_size
     latents = torch.randn((len(prompts), pipe.unet.config.in_channels, size, size), generator=generator).to(pipe.device)  # x_T
-    return sample(pipe, cond_embeds, empty_embeds, scales, latents, args.eta, generator, **sample_kwargs)
+    return sample(pipe, cond, uncond, scales, latents, args.eta, generator, **sample_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,13 +437,14 @@ def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     return torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
 
 
-def ddpo_log_prob(pipe, batch, i, s, uncond_embeds, eta):
+def ddpo_log_prob(pipe, batch, i, s, uncond, eta):
     """log pi_theta(x_{t-1} | x_t, c) of stored transitions (samples i [b], step indices s [b]),
     recomputed with the SAME guidance scale w_t and weighted prompt embedding c' that sampling used:
     otherwise the ratio would compare two different policies."""
     t = batch["timesteps"][s]  # [b]
     x_t, x_prev = batch["latents"][i, s], batch["latents"][i, s + 1]  # [b, C, h, w] each
-    eps = cfg_noise_pred(pipe.unet, x_t, t, batch["cond_embeds"][i], uncond_embeds, batch["scales"][i, s])
+    cond = {k: v[i] for k, v in batch["cond"].items()}
+    eps = cfg_noise_pred(pipe.unet, x_t, t, cond, uncond, batch["scales"][i, s])
     return ddim_step_with_logprob(pipe.scheduler, eps, t, x_t, eta, prev_latents=x_prev)[1]
 
 
@@ -429,7 +466,8 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
             if not batches:
                 shown = (images, [prompts[k] for k in prompt_ids], batch["rewards"])
             batches.append(batch)
-    batch = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "scales", "cond_embeds", "rewards", "prompt_ids")}
+    batch = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "scales", "rewards", "prompt_ids")}
+    batch["cond"] = {k: torch.cat([b["cond"][k] for b in batches]) for k in batches[0]["cond"]}
     batch["timesteps"] = pipe.scheduler.timesteps
     # 2. Advantages from the rewards of every process, normalised per prompt.
     rewards, prompt_ids = all_gather(batch["rewards"], world), all_gather(batch["prompt_ids"], world)
@@ -440,7 +478,7 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
     rank = torch.distributed.get_rank() if world > 1 else 0
     advantages = torch.as_tensor(advantages, dtype=torch.float32).reshape(world, n)[rank].to(pipe.device)  # this process's share
     # 3. Clipped-ratio updates over shuffled (sample, timestep) pairs, --inner-epochs times.
-    uncond_embeds = encode_prompts(pipe, [""])[0]
+    uncond = encode_prompts(pipe, [""])[0]
     T = len(batch["timesteps"])
     T_train = max(1, int(args.timestep_fraction * T))
     per_update = args.train_batch_size // world // mb  # micro-batches per optimizer step
@@ -454,7 +492,7 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
             i = order[m * mb : (m + 1) * mb]  # [mb]
             for j in range(T_train):
                 s = steps[i, j]  # [mb]: each sample trains on its own shuffled step
-                log_prob = ddpo_log_prob(pipe, batch, i, s, uncond_embeds, args.eta)
+                log_prob = ddpo_log_prob(pipe, batch, i, s, uncond, args.eta)
                 old_log_prob = batch["log_probs"][i, s]
                 loss = ddpo_loss(log_prob, old_log_prob, advantages[i], args.clip_range, args.adv_clip_max)
                 scaler.scale(loss / (per_update * T_train)).backward()
@@ -636,12 +674,10 @@ def save_checkpoint(run_dir, pipe, optimizer, scaler, tracker, epoch):
     needed: every epoch's generator is seeded from (seed, epoch, rank)."""
     import shutil
 
-    from diffusers import StableDiffusionPipeline
-
     final, tmp, old = (os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(pipe.unet))
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=lora_state_dict(pipe.unet))
         state = dict(epoch=epoch, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), tracker=tracker.buffers if tracker else None)
         torch.save(state, os.path.join(tmp, "state.pt"))
         if os.path.exists(final):
@@ -735,7 +771,8 @@ def parse_args(argv=None):
             if name not in RESUMABLE_CHANGES and saved.get(name) != value:
                 parser.error(f"--resume {namespace.resume}: setting {name} was {saved.get(name)!r} there and is {value!r} now; resume with the same settings.")
     args = Args(**vars(namespace))
-    for defaults in (TINY_DEFAULTS if args.model == "tiny" else {}, METHOD_DEFAULTS[args.method], COMMON_DEFAULTS):
+    tiny = args.model in ("tiny", "tiny-sdxl")
+    for defaults in (TINY_DEFAULTS if tiny else {}, METHOD_DEFAULTS[args.method], COMMON_DEFAULTS):
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
@@ -856,7 +893,7 @@ def main(argv=None):
         sets = load_prompt_sets()
         if args.generate:
             return generate(pipe, args, sets[args.eval_prompts])
-        tiny = args.model == "tiny"
+        tiny = args.model in ("tiny", "tiny-sdxl")
         reward_fn = rewards.load_reward(args.reward, device, dtype, tiny=tiny)
         eval_fns = {args.reward: reward_fn} | ({args.eval_reward: rewards.load_reward(args.eval_reward, device, dtype, tiny=tiny)} if args.eval_reward else {})
         lora = [p for p in pipe.unet.parameters() if p.requires_grad]

@@ -202,7 +202,7 @@ def test_sampler_same_seed_same_images(pipe):
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["log_probs"], b["log_probs"])
-    assert torch.equal(a["cond_embeds"], b["cond_embeds"])
+    assert torch.equal(a["cond"]["encoder_hidden_states"], b["cond"]["encoder_hidden_states"])
     assert not torch.equal(a["images"], c["images"])
     assert a["images"].min() >= 0 and a["images"].max() <= 1
 
@@ -211,7 +211,7 @@ def test_sampler_exploration_changes_only_the_chosen_token(pipe):
     with torch.no_grad():
         out = diffexp.sample_batch(pipe, ["a dolphin riding a bike"] * 4, explore_args(), True, torch.Generator().manual_seed(0))
         plain, _ = diffexp.encode_prompts(pipe, ["a dolphin riding a bike"] * 4)
-    changed = (out["cond_embeds"] != plain).any(dim=2)  # [B, L]
+    changed = (out["cond"]["encoder_hidden_states"] != plain["encoder_hidden_states"]).any(dim=2)  # [B, L]
     assert (changed.sum(dim=1) <= 1).all()  # at most one position (alpha may land on 1.0 exactly: never in practice)
     assert changed[:, 1:6].any(dim=1).all() and not changed[:, 6:].any() and not changed[:, 0].any()
 
@@ -307,7 +307,7 @@ def test_ddpo_recomputed_log_probs_are_on_policy(pipe):
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
             assert (batch["scales"][0, order[0]] != batch["scales"][1, order[1]]).any()  # the mixed case occurred
             # the same recomputation without the exploration's scale or embedding is off-policy
-            plain = dict(batch, scales=torch.full_like(batch["scales"], 5.0), cond_embeds=diffexp.encode_prompts(pipe, ["a dolphin riding a bike", "a cat playing chess"])[0])
+            plain = dict(batch, scales=torch.full_like(batch["scales"], 5.0), cond=diffexp.encode_prompts(pipe, ["a dolphin riding a bike", "a cat playing chess"])[0])
             off = [(diffexp.ddpo_log_prob(pipe, plain, i, torch.full((2,), s), uncond, 1.0) - batch["log_probs"][:, s]).exp() for s in range(10)]
             assert max((r - 1).abs().max().item() for r in off) > 1e-3
     finally:
@@ -320,13 +320,13 @@ def pattern_reward():
     return lambda images, prompts: (images * pattern).mean(dim=(1, 2, 3)) * 10
 
 
-def train_tiny(method, reward_fn, epochs, lr=1e-2, extra=()):
+def train_tiny(method, reward_fn, epochs, lr=1e-2, extra=(), model="tiny"):
     """A few epochs of `method` on a fresh tiny pipeline; returns the pipeline, the eval reward on fixed
     noise before and after, and the state dicts before and after training."""
-    args = diffexp.parse_args(["--method", method, "--reward", "jpeg" if method == "ddpo" else "aesthetic", "--model", "tiny", "--steps", "10",
+    args = diffexp.parse_args(["--method", method, "--reward", "jpeg" if method == "ddpo" else "aesthetic", "--model", model, "--steps", "10",
                                "--batch-size", "8", "--train-batch-size", "8", "--micro-batch-size", "4", "--lr", str(lr), *UNUSED_OUT, *extra])
     torch.manual_seed(0)
-    p = diffexp.load_pipeline("tiny", 4, "cpu", torch.float32)
+    p = diffexp.load_pipeline(model, 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(args.steps)
     prompts = ["cat", "dog", "frog", "zebra"]
 
@@ -480,6 +480,76 @@ def test_alignprop_learns_and_changes_only_lora():
 
 
 
+
+# ---------------------------------------------------------------------------------------------
+# SDXL (tiny, random, offline)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    p = diffexp.load_pipeline("tiny-sdxl", lora_rank=4, device="cpu", dtype=torch.float32)
+    p.scheduler.set_timesteps(20)
+    return p
+
+
+def test_sdxl_sampler_reproduces_stable_diffusion_xl_pipeline(sdxl):
+    prompts = ["a cat", "a dolphin riding a bike"]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond, _ = diffexp.encode_prompts(sdxl, prompts)
+        assert {k: tuple(v.shape) for k, v in cond.items()} == {"encoder_hidden_states": (2, 77, 64), "text_embeds": (2, 32), "time_ids": (2, 6)}
+        ours = diffexp.sample(sdxl, cond, diffexp.encode_prompts(sdxl, [""])[0], torch.full((20,), 7.5), latents, 0.0)["images"]
+        # negative_prompt "" is encoded, not zeroed: our unconditional branch is the embedding of ""
+        ref = sdxl(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0, output_type="pt").images
+    sdxl.scheduler.set_timesteps(20)
+    assert type(sdxl).__name__ == "StableDiffusionXLPipeline"
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_sdxl_eq8_changes_only_the_chosen_token_of_both_encoders(sdxl):
+    prompts = ["a dolphin riding a bike"] * 6
+    with torch.no_grad():
+        out = diffexp.sample_batch(sdxl, prompts, explore_args(), True, torch.Generator().manual_seed(0))
+        plain, _ = diffexp.encode_prompts(sdxl, prompts)
+    weighted = out["cond"]["encoder_hidden_states"]
+    changed = (weighted != plain["encoder_hidden_states"]).any(dim=2)  # [B, L]
+    assert (changed.sum(dim=1) == 1).all() and changed[:, 1:6].any(dim=1).all()
+    for b, i in enumerate(changed.float().argmax(dim=1)):
+        first, second = weighted[b, i, :32], weighted[b, i, 32:]  # the two encoders' halves at the chosen token
+        assert (first != plain["encoder_hidden_states"][b, i, :32]).any() and (second != plain["encoder_hidden_states"][b, i, 32:]).any()
+    assert torch.equal(out["cond"]["text_embeds"], plain["text_embeds"])  # the pooled embedding is not weighted
+
+
+def test_sdxl_ddpo_recomputation_is_on_policy(sdxl):
+    """DDPO falls out of the same code on SDXL: stored pooled embeddings and size ids are reused too."""
+    sdxl.scheduler.set_timesteps(10)
+    try:
+        with torch.no_grad():
+            batch = diffexp.sample_batch(sdxl, ["a dolphin riding a bike", "a cat"], explore_args(w_high=5.0), True, torch.Generator().manual_seed(0))
+            uncond, i = diffexp.encode_prompts(sdxl, [""])[0], torch.arange(2)
+            order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b)) for b in range(2)])  # [2, 10]
+            for j in range(10):
+                ratio = (diffexp.ddpo_log_prob(sdxl, batch, i, order[:, j], uncond, 1.0) - batch["log_probs"][i, order[:, j]]).exp()
+                assert torch.allclose(ratio, torch.ones(2), atol=1e-4)
+    finally:
+        sdxl.scheduler.set_timesteps(20)
+
+
+def test_sdxl_alignprop_learns_and_changes_only_lora(tmp_path):
+    reward = pattern_reward()
+    _, before, after, s0, s1 = train_tiny("alignprop", reward, epochs=3, lr=0.1, model="tiny-sdxl")  # tiny SDXL reacts more weakly
+    assert after > before + 1e-3, (before, after)
+    assert_only_lora_changed(s0, s1)
+    # the tiny SDXL pipeline saves and loads back as SDXL, and the CLI runs it end to end
+    diffexp.tiny_pipeline(sdxl=True).save_pretrained(tmp_path / "sdxl")
+    assert type(diffexp.load_pipeline(str(tmp_path / "sdxl"), 4, "cpu", torch.float32)).__name__ == "StableDiffusionXLPipeline"
+    code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", "--model", "tiny-sdxl", *TINY_RUN[2:], "--epochs", "1",
+                             "--eval-every", "0", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    fresh = diffexp.tiny_pipeline(sdxl=True)
+    fresh.load_lora_weights(str(tmp_path / "run" / "checkpoint"))  # the diffusers SDXL LoRA loader reads it
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line and the training run (tiny model, a few seconds per epoch)
 
@@ -570,7 +640,7 @@ def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
     fresh.load_lora_weights(os.path.join(run, "checkpoint"))
     trained = diffexp.load_pipeline("tiny", 4, "cpu", torch.float32)
     diffexp.load_lora(trained.unet, os.path.join(run, "checkpoint"))
-    x, c = torch.randn(1, 4, 16, 16), diffexp.encode_prompts(fresh, ["cat"])[0]
+    x, c = torch.randn(1, 4, 16, 16), diffexp.encode_prompts(fresh, ["cat"])[0]["encoder_hidden_states"]
     with torch.no_grad():
         assert torch.allclose(fresh.unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample, atol=1e-6)
         assert not torch.allclose(diffexp.tiny_pipeline().unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample)
