@@ -676,6 +676,8 @@ def save_checkpoint(run_dir, pipe, optimizer, scaler, tracker, epoch):
 
     final, tmp, old = (os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(final):  # a leftover .old is stale then (without `final`, it is the last good one)
+        shutil.rmtree(old, ignore_errors=True)
     try:
         type(pipe).save_lora_weights(tmp, unet_lora_layers=lora_state_dict(pipe.unet))
         state = dict(epoch=epoch, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), tracker=tracker.buffers if tracker else None)

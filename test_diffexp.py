@@ -6,6 +6,7 @@ Run: python -m pytest -q test_diffexp.py
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -728,6 +729,11 @@ def test_resume_after_a_crash_between_the_checkpoint_renames(tmp_path):
     os.rename(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.old"))  # the window between the renames
     diffexp.main([*common, "--epochs", "2", "--resume", run])
     assert [r["epoch"] for r in read_log(run)] == [1, 2]
+    # a crash after the second rename leaves a stale .old beside the new checkpoint: the next save copes
+    shutil.copytree(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.old"))
+    diffexp.main([*common, "--epochs", "3", "--resume", run])
+    assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint")) == ["checkpoint"]
+    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == 3
 
 
 def test_unwritable_run_directory_is_one_clear_error(tmp_path):
