@@ -32,6 +32,7 @@ run without a graph at all, and every UNet call under gradient is checkpointed.
 import argparse
 import dataclasses
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -236,7 +237,7 @@ def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_st
     x_t depends on the weights only through eps. checkpoint=True recomputes every UNet call and the
     VAE decode in backward instead of storing activations, so memory stays flat in K and T.
     Returns a dict: latents [B, T+1, C, h, w] (x_T ... x_0), log_probs [B, T] (None if eta == 0),
-    timesteps [T], scales [B, T], cond (the conditioning used), images [B, 3, H, W] in [0, 1].
+    timesteps [T], scales [B, T], cond and uncond (the conditioning used), images [B, 3, H, W] in [0, 1].
     """
     timesteps = pipe.scheduler.timesteps
     T = len(timesteps)
@@ -264,6 +265,7 @@ def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_st
         timesteps=timesteps,
         scales=torch.as_tensor(scales).expand(latents.shape[0], -1),  # [T] -> [B, T], stored per sample for DDPO
         cond=cond,
+        uncond=uncond,
         images=images,
     )
 
@@ -387,7 +389,11 @@ def sample_batch(pipe, prompts, args, explore, generator, **sample_kwargs):
     Eq. 8 weighting (per sample) and Eq. 7 schedule, else plain CFG at w_high. Returns sample()'s dict.
     pipe.scheduler must have had set_timesteps(args.steps)."""
     cond, input_ids = encode_prompts(pipe, prompts)
-    uncond, _ = encode_prompts(pipe, [""])  # c_empty, [1, ...]
+    c_empty, _ = encode_prompts(pipe, [""])  # [1, ...], Eq. 8's reference
+    # The unconditional branch: c_empty, or zeros where the pipeline was trained so (SDXL's
+    # force_zeros_for_empty_prompt: zero token and pooled embeddings, the same size ids).
+    zeros = getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+    uncond = {k: v if k == "time_ids" or not zeros else torch.zeros_like(v) for k, v in c_empty.items()}
     timesteps = pipe.scheduler.timesteps
     if explore:
         tok = pipe.tokenizer
@@ -395,7 +401,7 @@ def sample_batch(pipe, prompts, args, explore, generator, **sample_kwargs):
         token_index, alpha = draw_prompt_weights(input_ids, special, args.alpha_min, args.alpha_max, generator)
         # Eq. 8 weights the per-token embeddings (on SDXL both encoders' at once); SDXL's pooled
         # embedding summarises the whole prompt and stays as it is.
-        weighted = weight_prompt_embeds(cond["encoder_hidden_states"], uncond["encoder_hidden_states"], token_index, alpha)
+        weighted = weight_prompt_embeds(cond["encoder_hidden_states"], c_empty["encoder_hidden_states"], token_index, alpha)
         cond = cond | {"encoder_hidden_states": weighted}
         scales = cfg_scale_schedule(timesteps, args.w_low, args.w_high, args.t_thres)
     else:
@@ -437,14 +443,14 @@ def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     return torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
 
 
-def ddpo_log_prob(pipe, batch, i, s, uncond, eta):
+def ddpo_log_prob(pipe, batch, i, s, eta):
     """log pi_theta(x_{t-1} | x_t, c) of stored transitions (samples i [b], step indices s [b]),
     recomputed with the SAME guidance scale w_t and weighted prompt embedding c' that sampling used:
     otherwise the ratio would compare two different policies."""
     t = batch["timesteps"][s]  # [b]
     x_t, x_prev = batch["latents"][i, s], batch["latents"][i, s + 1]  # [b, C, h, w] each
     cond = {k: v[i] for k, v in batch["cond"].items()}
-    eps = cfg_noise_pred(pipe.unet, x_t, t, cond, uncond, batch["scales"][i, s])
+    eps = cfg_noise_pred(pipe.unet, x_t, t, cond, batch["uncond"], batch["scales"][i, s])
     return ddim_step_with_logprob(pipe.scheduler, eps, t, x_t, eta, prev_latents=x_prev)[1]
 
 
@@ -468,7 +474,7 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
             batches.append(batch)
     batch = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "scales", "rewards", "prompt_ids")}
     batch["cond"] = {k: torch.cat([b["cond"][k] for b in batches]) for k in batches[0]["cond"]}
-    batch["timesteps"] = pipe.scheduler.timesteps
+    batch["uncond"], batch["timesteps"] = batches[0]["uncond"], pipe.scheduler.timesteps
     # 2. Advantages from the rewards of every process, normalised per prompt.
     rewards, prompt_ids = all_gather(batch["rewards"], world), all_gather(batch["prompt_ids"], world)
     stats = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item())
@@ -478,7 +484,6 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
     rank = torch.distributed.get_rank() if world > 1 else 0
     advantages = torch.as_tensor(advantages, dtype=torch.float32).reshape(world, n)[rank].to(pipe.device)  # this process's share
     # 3. Clipped-ratio updates over shuffled (sample, timestep) pairs, --inner-epochs times.
-    uncond = encode_prompts(pipe, [""])[0]
     T = len(batch["timesteps"])
     T_train = max(1, int(args.timestep_fraction * T))
     per_update = args.train_batch_size // world // mb  # micro-batches per optimizer step
@@ -492,7 +497,7 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
             i = order[m * mb : (m + 1) * mb]  # [mb]
             for j in range(T_train):
                 s = steps[i, j]  # [mb]: each sample trains on its own shuffled step
-                log_prob = ddpo_log_prob(pipe, batch, i, s, uncond, args.eta)
+                log_prob = ddpo_log_prob(pipe, batch, i, s, args.eta)
                 old_log_prob = batch["log_probs"][i, s]
                 loss = ddpo_loss(log_prob, old_log_prob, advantages[i], args.clip_range, args.adv_clip_max)
                 scaler.scale(loss / (per_update * T_train)).backward()
@@ -669,7 +674,7 @@ def load_lora(unet, directory):
 def save_checkpoint(run_dir, pipe, optimizer, scaler, tracker, epoch):
     """Write run_dir/checkpoint atomically: everything goes to checkpoint.tmp, which then replaces the
     old checkpoint by rename, so a crash or a full disk leaves the last good one intact. Holds the
-    LoRA in diffusers' format (StableDiffusionPipeline.load_lora_weights(dir) loads it), the
+    LoRA in diffusers' format (StableDiffusion[XL]Pipeline.load_lora_weights(dir) loads it), the
     optimizer and loss-scaler states, the epoch and the DDPO reward buffers. RNG states are not
     needed: every epoch's generator is seeded from (seed, epoch, rank)."""
     import shutil
@@ -685,11 +690,12 @@ def save_checkpoint(run_dir, pipe, optimizer, scaler, tracker, epoch):
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.exists(old) and not os.path.exists(final):
             os.replace(old, final)
-        raise OSError(f"could not write a checkpoint to {run_dir} ({e.strerror or e}); the last good checkpoint is intact.") from None
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise OSError(f"could not write a checkpoint to {run_dir} ({reason}); the last good checkpoint is intact.") from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -720,13 +726,11 @@ def plot_runs(run_dirs, out_path):
         raise ValueError("--plot needs matplotlib, which is optional: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4))
     for run_dir in run_dirs:
-        log_path, config_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "config.json")
-        if not os.path.exists(log_path) or not os.path.exists(config_path):
-            raise ValueError(f"--plot {run_dir}: not a run directory (no log.jsonl or config.json in it).")
-        with open(log_path) as f:
-            rows = [json.loads(line) for line in f]
-        with open(config_path) as f:
-            config = json.load(f)
+        try:
+            with open(os.path.join(run_dir, "log.jsonl")) as log, open(os.path.join(run_dir, "config.json")) as config:
+                rows, config = [json.loads(line) for line in log if line.strip()], json.load(config)
+        except OSError:
+            raise ValueError(f"--plot {run_dir}: not a run directory (no log.jsonl or config.json in it).") from None
         label = f"{config['method']}{'' if config['no_explore'] else ' + DiffExp'} ({os.path.basename(os.path.normpath(run_dir))})"
         rows = [r for r in rows if "reward_mean" in r]  # epoch 0 holds evaluation only
         ax.plot([r["reward_queries"] for r in rows], [r["reward_mean"] for r in rows], label=label)
@@ -761,17 +765,18 @@ def parse_args(argv=None):
         else:
             parser.add_argument(flag, type=f.type, default=f.default, help=doc, choices={"method": list(METHOD_DEFAULTS), "dtype": ["fp32", "fp16", "bf16"]}.get(f.name))
     namespace = parser.parse_args(argv)
-    if namespace.resume:  # the run's own settings are the defaults; a flag given again must agree with them
-        config_path = os.path.join(namespace.resume, "config.json")
+    run_dir = namespace.resume or namespace.generate
+    if run_dir:  # the run's own settings are the defaults; for --resume, a flag given again must agree
+        config_path = os.path.join(run_dir, "config.json")
         if not os.path.exists(config_path):
-            parser.error(f"--resume {namespace.resume}: no config.json there; is it a run directory?")
+            parser.error(f"{run_dir}: no config.json there; is it a run directory?")
         with open(config_path) as f:
-            saved = json.load(f)
-        parser.set_defaults(**{name: value for name, value in saved.items() if name not in RESUMABLE_CHANGES})
+            saved = {k: v for k, v in json.load(f).items() if k in vars(namespace) and k not in ("resume", "out", "overwrite", "plot", "plot_out", "generate")}
+        parser.set_defaults(**saved)
         namespace = parser.parse_args(argv)
         for name, value in vars(namespace).items():
-            if name not in RESUMABLE_CHANGES and saved.get(name) != value:
-                parser.error(f"--resume {namespace.resume}: setting {name} was {saved.get(name)!r} there and is {value!r} now; resume with the same settings.")
+            if namespace.resume and name in saved and name not in RESUMABLE_CHANGES and saved[name] != value:
+                parser.error(f"--resume {run_dir}: setting {name} was {saved[name]!r} there and is {value!r} now; resume with the same settings.")
     args = Args(**vars(namespace))
     tiny = args.model in ("tiny", "tiny-sdxl")
     for defaults in (TINY_DEFAULTS if tiny else {}, METHOD_DEFAULTS[args.method], COMMON_DEFAULTS):
@@ -815,10 +820,14 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not a multiple of {world} process(es) x --micro-batch-size {args.micro_batch_size}.")
     if args.batch_size % args.train_batch_size:
         parser.error(f"--batch-size {args.batch_size} is not a multiple of --train-batch-size {args.train_batch_size}.")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        parser.error("--wandb needs the wandb package: pip install wandb")
     if not args.generate:
         args.out = args.resume or args.out or f"runs/{args.method}-{args.reward}-{'baseline' if args.no_explore else 'diffexp'}-s{args.seed}"
         if not args.resume and os.path.exists(args.out) and not args.overwrite:
             parser.error(f"run directory {args.out} exists; pass --resume {args.out} to continue it, --overwrite to replace it, or another --out.")
+        if not args.resume and args.overwrite and os.path.exists(args.out) and not os.path.exists(os.path.join(args.out, "config.json")):
+            parser.error(f"--overwrite: {args.out} is not a run directory (no config.json); delete it yourself if you mean it.")
     return args
 
 
@@ -829,8 +838,8 @@ def on_rank0(write, *args):
     if is_main():
         try:
             write(*args)
-        except OSError as e:
-            error = str(e)
+        except Exception as e:  # whatever it is, every process must hear of it
+            error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if torch.distributed.is_initialized():
         message = [error]
         torch.distributed.broadcast_object_list(message, src=0)
@@ -845,15 +854,21 @@ def start_run_dir(args, start):
     import shutil
 
     try:
-        if os.path.exists(args.out) and not args.resume:
-            shutil.rmtree(args.out)  # --overwrite
+        if os.path.exists(args.out) and not args.resume:  # --overwrite (parse_args checked it is a run directory)
+            shutil.rmtree(args.out)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
         log_path = os.path.join(args.out, "log.jsonl")
         if args.resume and os.path.exists(log_path):
+            kept = []
             with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["epoch"] <= start]
+                for line in f:
+                    try:
+                        if json.loads(line)["epoch"] <= start:
+                            kept.append(line.rstrip("\n") + "\n")
+                    except ValueError:
+                        pass  # a line cut short by a crash
             with open(log_path, "w") as f:
                 f.writelines(kept)
     except OSError as e:
@@ -869,13 +884,10 @@ def main(argv=None):
     import rewards
 
     args = parse_args(argv)
-    if args.plot:
-        try:
-            return plot_runs(args.plot, args.plot_out)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     try:  # set-up: every failure here (no GPU, missing model, download, disk) is one line, not a traceback
+        if args.plot:
+            return plot_runs(args.plot, args.plot_out)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda, but no CUDA GPU is visible; use --device cpu.")
@@ -904,10 +916,10 @@ def main(argv=None):
         tracker = PerPromptStatTracker(buffer_size=32, min_count=16) if args.method == "ddpo" else None
         start = load_checkpoint(args.out, pipe, optimizer, scaler, tracker) if args.resume else 0
         on_rank0(start_run_dir, args, start)  # only now, so that a failed set-up leaves no directory behind
-        if args.wandb and is_main():
+        if args.wandb:
             import wandb
 
-            wandb.init(project="diffexp", name=os.path.basename(args.out), config=dataclasses.asdict(args))
+            on_rank0(lambda: wandb.init(project="diffexp", name=os.path.basename(args.out), config=dataclasses.asdict(args)))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
         train(pipe, reward_fn, eval_fns, sets, args, optimizer, scaler, tracker, start, world, rank)
@@ -974,11 +986,11 @@ def generate(pipe, args, prompts):
     and without it, side by side as generate_with_lora.png and generate_without_lora.png there."""
     load_lora(pipe.unet, os.path.join(args.generate, "checkpoint"))
     prompts = prompts[: args.batch_size]
-    for name in ("with_lora", "without_lora"):
-        if name == "without_lora":
-            pipe.unet.disable_adapters()
-        out = sample_batch(pipe, prompts, args, False, seeded_generator(args.seed, EVAL_SEED))
-        save_grid(os.path.join(args.generate, f"generate_{name}.png"), out["images"], prompts)
+    with_lora = sample_batch(pipe, prompts, args, False, seeded_generator(args.seed, EVAL_SEED))["images"]
+    pipe.unet.disable_adapters()
+    without_lora = sample_batch(pipe, prompts, args, False, seeded_generator(args.seed, EVAL_SEED))["images"]
+    save_grid(os.path.join(args.generate, "generate_with_lora.png"), with_lora, prompts)
+    save_grid(os.path.join(args.generate, "generate_without_lora.png"), without_lora, prompts)
     print(f"wrote {args.generate}/generate_with_lora.png and generate_without_lora.png")
 
 

@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_diffexp.py
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -294,22 +295,21 @@ def test_ddpo_recomputed_log_probs_are_on_policy(pipe):
     try:
         with torch.no_grad():
             batch = diffexp.sample_batch(pipe, ["a dolphin riding a bike", "a cat playing chess"], args, True, torch.Generator().manual_seed(0))
-            uncond = diffexp.encode_prompts(pipe, [""])[0]
             i = torch.arange(2)
             for s in range(10):
-                log_prob = diffexp.ddpo_log_prob(pipe, batch, i, torch.full((2,), s), uncond, 1.0)
+                log_prob = diffexp.ddpo_log_prob(pipe, batch, i, torch.full((2,), s), 1.0)
                 ratio = (log_prob - batch["log_probs"][:, s]).exp()
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
             # as ddpo_epoch does it: per-sample shuffled steps, so one UNet call mixes w = 1 and CFG samples
             order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b)) for b in range(2)])  # [2, 10]
             for j in range(10):
                 s = order[:, j]
-                ratio = (diffexp.ddpo_log_prob(pipe, batch, i, s, uncond, 1.0) - batch["log_probs"][i, s]).exp()
+                ratio = (diffexp.ddpo_log_prob(pipe, batch, i, s, 1.0) - batch["log_probs"][i, s]).exp()
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
             assert (batch["scales"][0, order[0]] != batch["scales"][1, order[1]]).any()  # the mixed case occurred
             # the same recomputation without the exploration's scale or embedding is off-policy
             plain = dict(batch, scales=torch.full_like(batch["scales"], 5.0), cond=diffexp.encode_prompts(pipe, ["a dolphin riding a bike", "a cat playing chess"])[0])
-            off = [(diffexp.ddpo_log_prob(pipe, plain, i, torch.full((2,), s), uncond, 1.0) - batch["log_probs"][:, s]).exp() for s in range(10)]
+            off = [(diffexp.ddpo_log_prob(pipe, plain, i, torch.full((2,), s), 1.0) - batch["log_probs"][:, s]).exp() for s in range(10)]
             assert max((r - 1).abs().max().item() for r in off) > 1e-3
     finally:
         pipe.scheduler.set_timesteps(50)
@@ -499,12 +499,17 @@ def test_sdxl_sampler_reproduces_stable_diffusion_xl_pipeline(sdxl):
     with torch.no_grad():
         cond, _ = diffexp.encode_prompts(sdxl, prompts)
         assert {k: tuple(v.shape) for k, v in cond.items()} == {"encoder_hidden_states": (2, 77, 64), "text_embeds": (2, 32), "time_ids": (2, 6)}
-        ours = diffexp.sample(sdxl, cond, diffexp.encode_prompts(sdxl, [""])[0], torch.full((20,), 7.5), latents, 0.0)["images"]
-        # negative_prompt "" is encoded, not zeroed: our unconditional branch is the embedding of ""
-        ref = sdxl(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0, output_type="pt").images
+        args = explore_args(eta=0.0, w_high=7.5)
+        ours = diffexp.sample_batch(sdxl, prompts, args, False, torch.Generator().manual_seed(0))["images"]
+        # no negative prompt: with force_zeros_for_empty_prompt (SDXL-base's setting) the unconditional
+        # branch is zeros in the pipeline, and in sample_batch
+        ref = sdxl(prompts, latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0, output_type="pt").images
+        assert sdxl.config.force_zeros_for_empty_prompt
+        with_empty = diffexp.sample(sdxl, cond, diffexp.encode_prompts(sdxl, [""])[0], torch.full((20,), 7.5), latents, 0.0)["images"]
+        ref_empty = sdxl(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0, output_type="pt").images
     sdxl.scheduler.set_timesteps(20)
     assert type(sdxl).__name__ == "StableDiffusionXLPipeline"
-    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(with_empty, ref_empty, atol=1e-5)
 
 
 def test_sdxl_eq8_changes_only_the_chosen_token_of_both_encoders(sdxl):
@@ -527,10 +532,10 @@ def test_sdxl_ddpo_recomputation_is_on_policy(sdxl):
     try:
         with torch.no_grad():
             batch = diffexp.sample_batch(sdxl, ["a dolphin riding a bike", "a cat"], explore_args(w_high=5.0), True, torch.Generator().manual_seed(0))
-            uncond, i = diffexp.encode_prompts(sdxl, [""])[0], torch.arange(2)
+            i = torch.arange(2)
             order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b)) for b in range(2)])  # [2, 10]
             for j in range(10):
-                ratio = (diffexp.ddpo_log_prob(sdxl, batch, i, order[:, j], uncond, 1.0) - batch["log_probs"][i, order[:, j]]).exp()
+                ratio = (diffexp.ddpo_log_prob(sdxl, batch, i, order[:, j], 1.0) - batch["log_probs"][i, order[:, j]]).exp()
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4)
     finally:
         sdxl.scheduler.set_timesteps(20)
@@ -598,6 +603,32 @@ def test_bad_arguments_fail_with_one_clear_line(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]  # one line, no usage block
+
+
+def test_resume_and_generate_take_the_runs_own_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    original = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "50", "--eval-every", "3", "--save-every", "5",
+                                   "--eval-reward", "aesthetic", "--lr", "0.02", *UNUSED_OUT])
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
+    for mode in ("--resume", "--generate"):
+        args = diffexp.parse_args([mode, str(run)])
+        assert (args.method, args.epochs, args.eval_every, args.save_every, args.eval_reward, args.lr, args.steps) == ("ddpo", 50, 3, 5, "aesthetic", 0.02, 4)
+    assert diffexp.parse_args(["--resume", str(run), "--epochs", "60"]).epochs == 60
+    with pytest.raises(SystemExit):
+        diffexp.parse_args(["--resume", str(run), "--method", "alignprop", "--reward", "aesthetic"])
+    assert "setting method was 'ddpo' there and is 'alignprop' now" in capsys.readouterr().err
+
+
+def test_overwrite_deletes_only_run_directories_and_wandb_must_be_installed(tmp_path, capsys, monkeypatch):
+    (tmp_path / "precious.txt").write_text("not a run")
+    with pytest.raises(SystemExit):
+        diffexp.parse_args(["--model", "tiny", "--out", str(tmp_path), "--overwrite"])
+    assert "is not a run directory" in capsys.readouterr().err and (tmp_path / "precious.txt").exists()
+    monkeypatch.setattr(diffexp.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        diffexp.parse_args(["--model", "tiny", "--wandb", *UNUSED_OUT])
+    assert "pip install wandb" in capsys.readouterr().err
 
 
 def test_empty_prompt_set_is_refused(tmp_path, monkeypatch, capsys):
@@ -672,8 +703,8 @@ def test_resume_continues_exactly(tmp_path, method, reward, capsys):
         diffexp.main([*common, "--epochs", "5", "--lr", "0.5", "--resume", split])
     assert "setting lr was 0.01 there and is 0.5 now" in capsys.readouterr().err
     # `--resume DIR` alone takes the run's own settings; its log loses the epochs after the checkpoint
-    with open(os.path.join(split, "log.jsonl"), "a") as f:
-        f.write(json.dumps(dict(epoch=5, reward_queries=20)) + "\n")  # as if a crash came before its checkpoint
+    with open(os.path.join(split, "log.jsonl"), "a") as f:  # as if a crash came before epoch 5's checkpoint, mid-line
+        f.write(json.dumps(dict(epoch=5, reward_queries=20)) + '\n{"epoch": 6, "rew')
     diffexp.main(["--resume", split, "--epochs", "5"])
     assert [r["epoch"] for r in read_log(split)] == [1, 2, 3, 4, 5]
     assert json.load(open(os.path.join(split, "config.json")))["method"] == method
