@@ -229,8 +229,8 @@ def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_st
     """The DDIM denoising loop with a guidance scale per step (Eq. 7) and an embedding per sample (Eq. 8).
 
     pipe.scheduler must have had set_timesteps(T). cond is the (weighted) text conditioning of the
-    prompts and uncond that of "" (see cfg_noise_pred; encode_prompts makes them), scales [T] one CFG
-    scale per step, latents [B, C, h, w] the initial noise x_T.
+    prompts and uncond the unconditional branch's (see cfg_noise_pred and sample_batch), scales [T]
+    one CFG scale per step, latents [B, C, h, w] the initial noise x_T.
     Gradients are the caller's choice: under torch.no_grad() nothing is recorded. Under grad,
     backprop_steps=K keeps the graph of the last K steps only (AlignProp's truncated backprop): the
     earlier steps run under no_grad and save nothing, which is the same as detaching their eps since
