@@ -556,6 +556,28 @@ def test_sdxl_alignprop_learns_and_changes_only_lora(tmp_path):
     fresh.load_lora_weights(str(tmp_path / "run" / "checkpoint"))  # the diffusers SDXL LoRA loader reads it
 
 
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_bf16_frozen_weights_with_fp32_lora(model):
+    """The GPU precision set-up, run on the CPU: frozen weights bf16 (SDXL's VAE fp32), LoRA fp32; both
+    trainers run, and DDPO's recomputed log-probs stay within its 1e-4 clip range of the sampled ones."""
+    p = diffexp.load_pipeline(model, 4, "cpu", torch.bfloat16)
+    assert p.text_encoder.dtype == torch.bfloat16 and {q.dtype for n, q in p.unet.named_parameters() if "lora" not in n} == {torch.bfloat16}
+    assert {q.dtype for q in p.unet.parameters() if q.requires_grad} == {torch.float32}
+    assert p.vae.dtype == (torch.float32 if model == "tiny-sdxl" else torch.bfloat16)
+    p.scheduler.set_timesteps(4)
+    lora = [q for q in p.unet.parameters() if q.requires_grad]
+    optimizer, scaler = torch.optim.AdamW(lora, lr=1e-2), torch.amp.GradScaler("cpu", enabled=False)
+    common = ["--model", model, "--steps", "4", "--batch-size", "2", "--micro-batch-size", "2", "--train-batch-size", "2", *UNUSED_OUT]
+    reward = pattern_reward()
+    row, _ = diffexp.alignprop_epoch(p, reward, ["cat", "dog"], diffexp.parse_args(["--method", "alignprop", *common]), True, torch.Generator().manual_seed(0), optimizer, scaler, 1)
+    assert row["skipped_updates"] == 0 and math.isfinite(row["loss"])
+    row, _ = diffexp.ddpo_epoch(p, reward, ["cat", "dog"], diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *common]), True, torch.Generator().manual_seed(0), optimizer, scaler,
+                                diffexp.PerPromptStatTracker(32, 16), 1)
+    assert row["skipped_updates"] == 0 and row["clipfrac"] == 0.0
+    assert all(q.dtype == torch.float32 and torch.isfinite(q).all() for q in lora)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line and the training run (tiny model, a few seconds per epoch)
 
