@@ -26,7 +26,10 @@ Our defaults, where the paper gives no value (see also README.md):
   (min 16); AlignProp: eta 0, K ~ U{1..steps} drawn once per batch, 64 samples per optimizer step.
 Deviations from the baselines' code: the DDIM log-prob is averaged over latent dimensions (as DDPO
 does); AlignProp draws its truncation K once per batch, not at every step; steps before the last K
-run without a graph at all, and every UNet call under gradient is checkpointed.
+run without a graph at all, and every UNet call under gradient is checkpointed. Several processes
+average their LoRA gradients with one all_reduce (no DDP wrapper; see optimizer_step); a resume
+needs no RNG state, as every epoch's generator is seeded from (seed, epoch, rank). On SDXL the
+unconditional branch is zeros where the pipeline says so (force_zeros_for_empty_prompt).
 """
 
 import argparse
@@ -98,13 +101,14 @@ class Args:
     generate: str = arg(None, "write images of --eval-prompts with and without this run's LoRA, then exit")
 
 
-# The one place where defaults depend on the method (paper appendix B and SPEC.md) or on --model tiny.
+# The one place where defaults depend on the method (paper appendix B and SPEC.md) or on a tiny model.
 COMMON_DEFAULTS = dict(epochs=200, batch_size=64, steps=50)
 METHOD_DEFAULTS = {
     "ddpo": dict(w_high=5.0, eta=1.0, lr=3e-4, weight_decay=1e-4, max_grad_norm=1.0, micro_batch_size=4, train_batch_size=32),
     "alignprop": dict(w_high=7.5, eta=0.0, lr=1e-3, weight_decay=0.1, max_grad_norm=5.0, micro_batch_size=2, train_batch_size=64),
 }
-# --model tiny: a one-minute CPU run; its random UNet reacts weakly to the LoRA, hence the large lr
+# --model tiny or tiny-sdxl: a one-minute CPU run; the random UNet reacts weakly to its LoRA, hence the large lr
+TINY_MODELS = ("tiny", "tiny-sdxl")
 TINY_DEFAULTS = dict(epochs=6, batch_size=16, steps=20, micro_batch_size=4, train_batch_size=8, lr=1e-2)
 EXPLORE_FRACTION = 0.75  # paper: exploration runs for the first three quarters of the epochs
 
@@ -334,7 +338,7 @@ def load_pipeline(model, lora_rank, device, dtype):
     from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    if model in ("tiny", "tiny-sdxl"):
+    if model in TINY_MODELS:
         pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
         if dtype != torch.float32:
             pipe.to(dtype=dtype)  # random weights are made in fp32; a hub model is loaded in `dtype`
@@ -751,7 +755,7 @@ RESUMABLE_CHANGES = {"epochs", "resume", "out", "overwrite", "eval_every", "eval
 
 def parse_args(argv=None):
     """Args from the command line: one flag per field; unset settings take the method's (and
-    --model tiny's) defaults, or with --resume the run's own; bad input stops here with one line."""
+    a tiny model's) defaults, or with --resume the run's own; bad input stops here with one line."""
     import rewards
 
     parser = argparse.ArgumentParser(description="DiffExp reward fine-tuning (DDPO / AlignProp) of Stable Diffusion.")
@@ -778,8 +782,7 @@ def parse_args(argv=None):
             if namespace.resume and name in saved and name not in RESUMABLE_CHANGES and saved[name] != value:
                 parser.error(f"--resume {run_dir}: setting {name} was {saved[name]!r} there and is {value!r} now; resume with the same settings.")
     args = Args(**vars(namespace))
-    tiny = args.model in ("tiny", "tiny-sdxl")
-    for defaults in (TINY_DEFAULTS if tiny else {}, METHOD_DEFAULTS[args.method], COMMON_DEFAULTS):
+    for defaults in (TINY_DEFAULTS if args.model in TINY_MODELS else {}, METHOD_DEFAULTS[args.method], COMMON_DEFAULTS):
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
@@ -861,16 +864,10 @@ def start_run_dir(args, start):
             json.dump(dataclasses.asdict(args), f, indent=1)
         log_path = os.path.join(args.out, "log.jsonl")
         if args.resume and os.path.exists(log_path):
-            kept = []
             with open(log_path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["epoch"] <= start:
-                            kept.append(line.rstrip("\n") + "\n")
-                    except ValueError:
-                        pass  # a line cut short by a crash
+                lines = [line for line in f if line.endswith("}\n")]  # a line cut short by a crash lacks its end
             with open(log_path, "w") as f:
-                f.writelines(kept)
+                f.writelines(line for line in lines if json.loads(line)["epoch"] <= start)
     except OSError as e:
         raise OSError(f"cannot write to run directory {args.out} ({e.strerror or e}); choose a writable --out.") from None
 
@@ -907,7 +904,7 @@ def main(argv=None):
         sets = load_prompt_sets()
         if args.generate:
             return generate(pipe, args, sets[args.eval_prompts])
-        tiny = args.model in ("tiny", "tiny-sdxl")
+        tiny = args.model in TINY_MODELS
         reward_fn = rewards.load_reward(args.reward, device, dtype, tiny=tiny)
         eval_fns = {args.reward: reward_fn} | ({args.eval_reward: rewards.load_reward(args.eval_reward, device, dtype, tiny=tiny)} if args.eval_reward else {})
         lora = [p for p in pipe.unet.parameters() if p.requires_grad]
