@@ -463,11 +463,10 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
     from tqdm.auto import tqdm
 
     n, mb = args.batch_size // world, args.micro_batch_size
-    show = not is_main()
     # 1. Sample trajectories without a graph (DiffExp's Eq. 7 and 8 when `explore`), score them.
     batches = []
     with torch.no_grad():
-        for _ in tqdm(range(n // mb), desc="sampling", disable=show):
+        for _ in tqdm(range(n // mb), desc="sampling", disable=not is_main()):
             prompt_ids = torch.randint(len(prompts), (mb,), generator=generator)
             batch = sample_batch(pipe, [prompts[k] for k in prompt_ids], args, explore, generator)
             images = batch.pop("images")  # only the first micro-batch's are kept, for the image grid
@@ -497,7 +496,7 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
     for _ in range(args.inner_epochs):
         order = torch.randperm(n, generator=generator)
         steps = torch.stack([torch.randperm(T, generator=generator)[:T_train] for _ in range(n)])  # [n, T_train]
-        for m in tqdm(range(n // mb), desc="training", disable=show):
+        for m in tqdm(range(n // mb), desc="training", disable=not is_main()):
             i = order[m * mb : (m + 1) * mb]  # [mb]
             for j in range(T_train):
                 s = steps[i, j]  # [mb]: each sample trains on its own shuffled step

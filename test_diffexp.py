@@ -164,7 +164,6 @@ def test_sampler_reproduces_stable_diffusion_pipeline(pipe):
     latents = torch.randn(2, 4, 16, 16, generator=g)
     prompts = ["a cat", "a dolphin riding a bike"]
     with torch.no_grad():
-        args = explore_args(eta=0.0, w_high=7.5)
         ours = diffexp.sample(pipe, diffexp.encode_prompts(pipe, prompts)[0], diffexp.encode_prompts(pipe, [""])[0], torch.full((50,), 7.5), latents, 0.0)
         ref = pipe(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=50, guidance_scale=7.5, eta=0.0, output_type="pt").images
     pipe.scheduler.set_timesteps(50)
