@@ -10,6 +10,10 @@ Names:
   jpeg                  DDPO's JPEG incompressibility: JPEG size in kB (not differentiable)
   jpeg_compressibility  minus the JPEG size in kB, so that smaller files score higher (not differentiable)
   imagereward           ImageReward v1.0, for evaluation only (not differentiable, needs `pip install image-reward`)
+  colour                the shapes world's: the fraction of the image that shows the colour the prompt names
+                        (soft nearest-palette colour per pixel; differentiable, prompt-dependent like PickScore)
+  shapes_judge          the shapes world's: the fraction of the prompt's attributes (colour, shape, count, and the
+                        background if named) that shapes.judge reads back (not differentiable, like DDPO's VQA reward)
   a+b+c                 ensemble of aesthetic, pickscore and hps: each member divided by its TYPICAL_SCALE,
                         then averaged, so that no member dominates through its units (differentiable)
 
@@ -34,19 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 # Typical magnitude of each reward on SD 1.5 samples: ours, rough round values, not tuned (the paper
 # does not state how it combines rewards). Only these rewards may join an ensemble.
 TYPICAL_SCALE = {"aesthetic": 5.5, "pickscore": 21.0, "hps": 0.28}
-DIFFERENTIABLE = tuple(TYPICAL_SCALE)
-REWARDS = DIFFERENTIABLE + ("jpeg", "jpeg_compressibility", "imagereward")
+DIFFERENTIABLE = tuple(TYPICAL_SCALE) + ("colour",)
+REWARDS = DIFFERENTIABLE + ("jpeg", "jpeg_compressibility", "imagereward", "shapes_judge")
+COLOUR_TEMPERATURE = 0.02  # of the per-pixel softmax over palette colours; their squared distances are >= 0.2
 
 # Public hub copy of the LAION file (github.com/christophschuhmann/improved-aesthetic-predictor).
 AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
 AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-AESTHETIC_HEAD_BYTES = 3_714_759
+AESTHETIC_HEAD_INPUTS = 768  # the width of OpenAI CLIP ViT-L/14's image embedding
 TINY_SEED = 0
 # Tiny mode only: with default random weights the tiny rewards are nearly flat in their input, so nothing could
 # be learned from them in smoke runs. The image tower's query/key projections are drawn TINY_QK_GAIN times larger,
@@ -63,13 +65,16 @@ def check_reward(name, need_grad=False):
         bad = [m for m in members if m not in TYPICAL_SCALE]
         if bad:
             raise ValueError(f"reward ensemble {name!r}: member(s) {bad} cannot be ensembled; "
-                             f"ensemble members must be among {', '.join(DIFFERENTIABLE)}")
+                             f"ensemble members must be among {', '.join(TYPICAL_SCALE)}")
     elif name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)} "
                          f"or an ensemble such as hps+aesthetic+pickscore")
+    head = os.environ.get("DIFFEXP_AESTHETIC_HEAD")
+    if "aesthetic" in members and head is not None and not os.path.isfile(head):
+        raise ValueError(f"DIFFEXP_AESTHETIC_HEAD={head} is not a file; point it to {AESTHETIC_HEAD_FILE} or unset it")
     if need_grad and not all(m in DIFFERENTIABLE for m in members):
         raise ValueError(f"{name} is not differentiable; AlignProp needs a differentiable reward "
-                         f"(aesthetic, pickscore, hps or an ensemble of them)")
+                         f"(aesthetic, pickscore, hps, colour or an ensemble of the first three)")
 
 
 def load_reward(name, device, dtype, tiny=False):
@@ -88,23 +93,18 @@ def load_reward(name, device, dtype, tiny=False):
 
         fn.networks = tuple(net for p in parts for net in p.networks)
     fn.differentiable = all(m in DIFFERENTIABLE for m in members)
-    weights = "no network" if not fn.networks else "tiny random weights" if tiny else "pretrained"
-    print(f"reward {name}: {weights} on {device}, {dtype}")
     return fn
 
 
 def clip_preprocess(images, size):
-    """CLIP's eval preprocessing on tensors, so gradients pass: resize the short side to `size`
-    (bicubic; antialias approximates PIL's bicubic downsampling), centre crop size x size, normalise."""
-    h, w = images.shape[-2:]
-    # torchvision's Resize(size) on PIL: short side -> size, long side -> int(size * long / short)
-    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    x = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # as CenterCrop
-    x = x[..., top:top + size, left:left + size]
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    """CLIP's eval preprocessing on tensors, so that gradients pass: short side to `size` (bicubic, antialiased
+    like PIL's downsampling), centre crop, normalisation with OpenAI CLIP's mean and std."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                            v2.CenterCrop(size), v2.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+    return transform(images.float())
 
 
 def aesthetic_head(state_dict_or_path):
@@ -112,9 +112,10 @@ def aesthetic_head(state_dict_or_path):
     state = state_dict_or_path
     if not isinstance(state, dict):
         state = torch.load(state, map_location="cpu", weights_only=True)  # the real file holds CUDA tensors
-    if "layers.0.weight" not in state:
-        raise ValueError("not an aesthetic-predictor state dict: expected keys layers.0/2/4/6/7.{weight,bias}")
-    head = _aesthetic_mlp(state["layers.0.weight"].shape[1])
+    head = _aesthetic_mlp(state["layers.0.weight"].shape[1] if "layers.0.weight" in state else AESTHETIC_HEAD_INPUTS)
+    if set(state) != set(head.state_dict()) or any(v.shape != head.state_dict()[k].shape for k, v in state.items()):
+        raise ValueError("not the LAION aesthetic predictor: expected keys layers.0/2/4/6/7.{weight,bias} of a "
+                         "768-1024-128-64-16-1 MLP; use sac+logos+ava1-l14-linearMSE.pth")
     head.load_state_dict(state)
     return head
 
@@ -126,17 +127,22 @@ def _aesthetic_mlp(in_dim):
         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))))
 
 
+def _fetch(reward, what, load):
+    """load(), or one clear line: which reward needs which download, and the ways around it."""
+    try:
+        return load()
+    except Exception as e:  # no network, offline mode, a moved repository: the libraries' own messages are long
+        hint = f", or set DIFFEXP_AESTHETIC_HEAD to a local copy of {AESTHETIC_HEAD_FILE}" if reward == "aesthetic" else ""
+        raise RuntimeError(f"reward {reward}: cannot download {what} ({type(e).__name__}); check the network and "
+                           f"HF_HUB_OFFLINE{hint}, or run offline with --model shapes and --reward colour") from None
+
+
 def _aesthetic_head_file():
     path = os.environ.get("DIFFEXP_AESTHETIC_HEAD")
     if path is None:
         from huggingface_hub import hf_hub_download
-        path = hf_hub_download(AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILE)
-    elif not os.path.isfile(path):
-        raise FileNotFoundError(f"DIFFEXP_AESTHETIC_HEAD={path} is not a file")
-    size = os.path.getsize(path)
-    if size != AESTHETIC_HEAD_BYTES:
-        raise RuntimeError(f"{path} has {size} bytes but {AESTHETIC_HEAD_FILE} has {AESTHETIC_HEAD_BYTES}; "
-                           f"use the original file from github.com/christophschuhmann/improved-aesthetic-predictor")
+        path = _fetch("aesthetic", f"{AESTHETIC_HEAD_FILE} from {AESTHETIC_HEAD_REPO}",
+                      lambda: hf_hub_download(AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILE))
     return path
 
 
@@ -192,8 +198,12 @@ def _aesthetic(device, dtype, tiny):
         clip, head = _seeded(_tiny_open_clip), _seeded(lambda: _tiny_aesthetic_head(32))
     else:
         head = aesthetic_head(_aesthetic_head_file())  # first, so a wrong file fails before the CLIP download
+        if head.layers[0].in_features != AESTHETIC_HEAD_INPUTS:
+            raise ValueError(f"the aesthetic head takes {head.layers[0].in_features} inputs, not the {AESTHETIC_HEAD_INPUTS} "
+                             f"of CLIP ViT-L/14; use {AESTHETIC_HEAD_FILE}")
         # OpenAI's CLIP was trained with QuickGELU; open_clip 3 builds nn.GELU unless told otherwise.
-        clip = open_clip.create_model("ViT-L-14", pretrained="openai", force_quick_gelu=True)
+        clip = _fetch("aesthetic", "OpenAI's CLIP ViT-L/14", lambda: open_clip.create_model(
+            "ViT-L-14", pretrained="openai", force_quick_gelu=True))
     clip, head = _frozen(clip, device, dtype), _frozen(head, device, dtype)
     size = clip.visual.image_size[0]
 
@@ -223,8 +233,9 @@ def _pickscore(device, dtype, tiny):
         # Padding ids differ, but the text tower pools at the first EOS under a causal mask.
         tokenize = open_clip.get_tokenizer("ViT-H-14")
     else:
-        model = CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1")
-        tokenizer = AutoTokenizer.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+        model = _fetch("pickscore", "yuvalkirstain/PickScore_v1", lambda: CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1"))
+        tokenizer = _fetch("pickscore", "the laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer",
+                           lambda: AutoTokenizer.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K"))
 
         def tokenize(prompts):
             return tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
@@ -250,8 +261,8 @@ def _hps(device, dtype, tiny):
     else:
         from huggingface_hub import hf_hub_download
         model = open_clip.create_model("ViT-H-14", pretrained=None)
-        checkpoint = torch.load(hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
-                                map_location="cpu", weights_only=True)
+        path = _fetch("hps", "HPS_v2.1_compressed.pt from xswu/HPSv2", lambda: hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt"))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])
     model = _frozen(model, device, dtype)
     tokenize = open_clip.get_tokenizer("ViT-H-14")
@@ -317,5 +328,37 @@ def _imagereward(device, dtype, tiny):
     return fn
 
 
+def _colour(device, dtype, tiny):
+    import shapes
+    names = list(shapes.COLOURS)
+
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        named = torch.tensor([names.index(shapes.parse_caption(p)["colour"]) for p in prompts], device=images.device)
+        palette = shapes.PALETTE.to(images.device)  # [9, 3]: the 8 colours and grey
+        distance2 = (images.float()[:, None] - palette[None, :, :, None, None]).pow(2).sum(dim=2)  # [B, 8, H, W]
+        p = torch.softmax(-distance2 / COLOUR_TEMPERATURE, dim=1)  # each pixel's soft palette colour
+        return p[torch.arange(len(images)), named].mean(dim=(1, 2))  # [B]
+
+    fn.networks = ()
+    return fn
+
+
+def _shapes_judge(device, dtype, tiny):
+    import shapes
+
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        scores = []
+        for prompt, reading in zip(prompts, shapes.judge(images)):
+            wanted = {k: v for k, v in shapes.parse_caption(prompt).items() if v is not None}  # background only if named
+            scores.append(sum(reading[k] == v for k, v in wanted.items()) / len(wanted))
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+    fn.networks = ()
+    return fn
+
+
 _LOADERS = {"aesthetic": _aesthetic, "pickscore": _pickscore, "hps": _hps, "jpeg": _jpeg,
-            "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward}
+            "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward, "colour": _colour,
+            "shapes_judge": _shapes_judge}
