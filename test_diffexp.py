@@ -4,10 +4,10 @@ Run: python -m pytest -q test_diffexp.py
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +20,7 @@ import torch
 import diffexp
 import open_clip
 import rewards
+import shapes
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,9 +35,9 @@ def pipe():
     return p
 
 
-def explore_args(**kw):
-    base = dict(alpha_min=1.0, alpha_max=2.0, w_low=1.0, w_high=7.5, t_thres=900, eta=1.0)
-    return SimpleNamespace(**{**base, **kw})
+def sampling(**kw):
+    """sample_batch's settings: DiffExp's defaults, CFG 7.5, eta 1."""
+    return dict(dict(w_high=7.5, eta=1.0, w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0), **kw)
 
 
 def count_unet_batches(unet):
@@ -65,6 +66,7 @@ def test_cfg_scale_schedule_on_sd_timesteps(pipe):
 def test_weight_prompt_embeds_eq8():
     g = torch.Generator().manual_seed(0)
     c = torch.randn(3, 7, 5, generator=g)
+    c_before = c.clone()
     c_empty = torch.randn(1, 7, 5, generator=g)
     token_index = torch.tensor([1, 4, 2])
     alpha = torch.tensor([1.5, 2.0, 0.5])
@@ -76,7 +78,7 @@ def test_weight_prompt_embeds_eq8():
         assert not torch.equal(out[b, i], c[b, i])
         others = [j for j in range(7) if j != i]
         assert torch.equal(out[b, others], c[b, others])  # bit-identical elsewhere
-    assert torch.equal(c, c.clone()) and not torch.equal(out, c)  # the input is not modified in place
+    assert torch.equal(c, c_before) and not torch.equal(out, c)  # the input is not modified in place
     # alpha = 1 is the identity at the chosen position too (up to float rounding of e + (c - e))
     assert torch.allclose(diffexp.weight_prompt_embeds(c, c_empty, token_index, torch.ones(3)), c, atol=1e-6)
     # a per-sample empty embedding [B, L, D] works the same way
@@ -177,7 +179,7 @@ def test_sampler_runs_one_branch_when_scale_is_one(pipe):
     sizes, handle = count_unet_batches(pipe.unet)
     try:
         with torch.no_grad():
-            out = diffexp.sample_batch(pipe, ["a cat", "a dog", "a cow"], explore_args(), explore=True, generator=torch.Generator().manual_seed(0))
+            out = diffexp.sample_batch(pipe, ["a cat", "a dog", "a cow"], torch.Generator().manual_seed(0), explore=True, **sampling())
     finally:
         handle.remove()
     assert sizes == [3] * 5 + [6] * 45  # w = 1 for t > 900 (5 steps): B samples; then the CFG pair: 2B
@@ -199,7 +201,7 @@ def test_sampler_runs_one_branch_when_scale_is_one(pipe):
 def test_sampler_same_seed_same_images(pipe):
     def run(seed):
         with torch.no_grad():
-            return diffexp.sample_batch(pipe, ["a cat", "a dog"], explore_args(), True, torch.Generator().manual_seed(seed))
+            return diffexp.sample_batch(pipe, ["a cat", "a dog"], torch.Generator().manual_seed(seed), explore=True, **sampling())
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["log_probs"], b["log_probs"])
@@ -210,7 +212,7 @@ def test_sampler_same_seed_same_images(pipe):
 
 def test_sampler_exploration_changes_only_the_chosen_token(pipe):
     with torch.no_grad():
-        out = diffexp.sample_batch(pipe, ["a dolphin riding a bike"] * 4, explore_args(), True, torch.Generator().manual_seed(0))
+        out = diffexp.sample_batch(pipe, ["a dolphin riding a bike"] * 4, torch.Generator().manual_seed(0), explore=True, **sampling())
         plain, _ = diffexp.encode_prompts(pipe, ["a dolphin riding a bike"] * 4)
     changed = (out["cond"]["encoder_hidden_states"] != plain["encoder_hidden_states"]).any(dim=2)  # [B, L]
     assert (changed.sum(dim=1) <= 1).all()  # at most one position (alpha may land on 1.0 exactly: never in practice)
@@ -220,7 +222,7 @@ def test_sampler_exploration_changes_only_the_chosen_token(pipe):
 def test_sampler_is_not_no_grad(pipe):
     """The caller decides: under grad, the images depend on the LoRA weights."""
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
-    out = diffexp.sample_batch(pipe, ["a cat"], explore_args(eta=0.0), False, torch.Generator().manual_seed(0), backprop_steps=1)
+    out = diffexp.sample_batch(pipe, ["a cat"], torch.Generator().manual_seed(0), explore=False, **sampling(eta=0.0), backprop_steps=1)
     out["images"].mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     pipe.unet.zero_grad(set_to_none=True)
@@ -231,7 +233,7 @@ def test_sampler_is_not_no_grad(pipe):
 
 
 def test_tiny_pipeline_saves_and_loads_back(tmp_path):
-    diffexp.tiny_pipeline(seed=0).save_pretrained(tmp_path / "tiny")
+    shapes.tiny_pipeline(seed=0).save_pretrained(tmp_path / "tiny")
     loaded = diffexp.load_pipeline(str(tmp_path / "tiny"), lora_rank=4, device="cpu", dtype=torch.float32)
     fresh = diffexp.load_pipeline("tiny", lora_rank=4, device="cpu", dtype=torch.float32)
     a, b = loaded.unet.state_dict(), fresh.unet.state_dict()
@@ -241,13 +243,7 @@ def test_tiny_pipeline_saves_and_loads_back(tmp_path):
     lora = [n for n, p in loaded.unet.named_parameters() if p.requires_grad]
     assert lora and all("lora" in n for n in lora)
     assert {n.split(".lora")[0].rsplit(".", 1)[-1] for n in lora} == {"to_q", "to_k", "to_v", "0"}
-    assert diffexp.tiny_pipeline(seed=0).tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
-
-
-def test_load_pipeline_missing_model_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="--model tiny"):
-        diffexp.load_pipeline("nobody/no-such-model", 4, "cpu", torch.float32)
+    assert shapes.tiny_pipeline(seed=0).tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +285,11 @@ def test_per_prompt_stat_tracker():
 def test_ddpo_recomputed_log_probs_are_on_policy(pipe):
     """Before any update the ratio is 1 at every step, with exploration on: the training pass reuses
     the stored per-step scale and weighted embedding. Reusing plain ones would break it."""
-    args = explore_args(w_high=5.0, eta=1.0)
+    args = sampling(w_high=5.0, eta=1.0)
     pipe.scheduler.set_timesteps(10)
     try:
         with torch.no_grad():
-            batch = diffexp.sample_batch(pipe, ["a dolphin riding a bike", "a cat playing chess"], args, True, torch.Generator().manual_seed(0))
+            batch = diffexp.sample_batch(pipe, ["a dolphin riding a bike", "a cat playing chess"], torch.Generator().manual_seed(0), explore=True, **args)
             i = torch.arange(2)
             for s in range(10):
                 log_prob = diffexp.ddpo_log_prob(pipe, batch, i, torch.full((2,), s), 1.0)
@@ -320,33 +316,32 @@ def pattern_reward():
     return lambda images, prompts: (images * pattern).mean(dim=(1, 2, 3)) * 10
 
 
-def train_tiny(method, reward_fn, epochs, lr=1e-2, extra=(), model="tiny"):
-    """A few epochs of `method` on a fresh tiny pipeline; returns the pipeline, the eval reward on fixed
-    noise before and after, and the state dicts before and after training."""
-    args = diffexp.parse_args(["--method", method, "--reward", "jpeg" if method == "ddpo" else "aesthetic", "--model", model, "--steps", "10",
-                               "--batch-size", "8", "--train-batch-size", "8", "--micro-batch-size", "4", "--lr", str(lr), *UNUSED_OUT, *extra])
-    torch.manual_seed(0)
-    p = diffexp.load_pipeline(model, 4, "cpu", torch.float32)
+def fine_tune_shapes(seed, explore, epochs, lr, steps=10, batch_size=16):
+    """`epochs` of AlignProp with the colour reward on the shipped shapes model, on [shapes]; returns the mean reward
+    on the held-out prompts of [unseen_shapes] from held-out noise (never a training draw) before and after, and the
+    UNet's state dicts before and after."""
+    args = diffexp.parse_args(["--method", "alignprop", "--reward", "colour", "--model", "shapes", "--steps", str(steps), "--batch-size",
+                               str(batch_size), "--micro-batch-size", str(batch_size), "--train-batch-size", str(batch_size), "--lr",
+                               str(lr), "--seed", str(seed), *UNUSED_OUT])
+    torch.manual_seed(seed)
+    p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(args.steps)
-    prompts = ["cat", "dog", "frog", "zebra"]
+    reward, prompts, held_out = rewards.load_reward("colour", "cpu", torch.float32), diffexp.load_prompts("shapes"), diffexp.load_prompts("unseen_shapes")
 
     def evaluate():
         with torch.no_grad():
-            return reward_fn(diffexp.sample_batch(p, prompts * 2, args, False, torch.Generator().manual_seed(99))["images"], prompts * 2).mean().item()
+            images = diffexp.sample_batch(p, held_out * 2, torch.Generator().manual_seed(10_000 + seed), **diffexp.sampling(args))["images"]
+            return reward(images, held_out * 2).mean().item()
 
     lora = [q for q in p.unet.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    before_state = {k: v.clone() for k, v in p.unet.state_dict().items()}
-    before = evaluate()
-    for epoch in range(epochs):
-        g = diffexp.seeded_generator(0, epoch, 0)
-        if method == "ddpo":
-            row, _ = diffexp.ddpo_epoch(p, reward_fn, prompts, args, True, g, optimizer, scaler, diffexp.PerPromptStatTracker(32, 16), 1)
-        else:
-            row, _ = diffexp.alignprop_epoch(p, reward_fn, prompts, args, True, g, optimizer, scaler, 1)
+    before_state, before = {k: v.clone() for k, v in p.unet.state_dict().items()}, evaluate()
+    for epoch in range(1, epochs + 1):
+        g = diffexp.seeded_generator(seed, epoch, 0)
+        row, _ = diffexp.alignprop_epoch(p, reward, prompts, args, explore, g, optimizer, scaler, 1)
         assert row["skipped_updates"] == 0
-    return p, before, evaluate(), before_state, p.unet.state_dict()
+    return before, evaluate(), before_state, p.unet.state_dict()
 
 
 def assert_only_lora_changed(before, after):
@@ -355,16 +350,6 @@ def assert_only_lora_changed(before, after):
     assert all("lora_B" in k or "lora_A" in k for k in changed)
     frozen = [k for k in before if "lora" not in k]
     assert all(torch.equal(before[k], after[k]) for k in frozen)  # every frozen tensor bit-identical
-
-
-def test_ddpo_learns_and_changes_only_lora():
-    reward = pattern_reward()
-    _, before, after, s0, s1 = train_tiny("ddpo", reward, epochs=3)
-    assert after > before + 2e-4, (before, after)
-    assert_only_lora_changed(s0, s1)
-    # trained on the negated reward, the pattern score falls: the direction comes from the reward
-    _, before_neg, after_neg, _, _ = train_tiny("ddpo", lambda im, p: -reward(im, p), epochs=3)
-    assert after_neg > before_neg + 2e-4, (before_neg, after_neg)
 
 
 def test_ddpo_refuses_eta_zero(capsys):
@@ -392,7 +377,7 @@ def unet_calls_with_gradient(p, K, steps=8, checkpoint=True):
 
     handle = p.unet.register_forward_hook(hook)
     try:
-        out = diffexp.sample_batch(p, ["cat", "dog"], explore_args(eta=0.0), False, torch.Generator().manual_seed(0), backprop_steps=K, checkpoint=checkpoint)
+        out = diffexp.sample_batch(p, ["cat", "dog"], torch.Generator().manual_seed(0), explore=False, **sampling(eta=0.0), backprop_steps=K, checkpoint=checkpoint)
         in_backward[0] = True
         (-pattern_reward()(out["images"], None).mean()).backward()
     finally:
@@ -434,7 +419,7 @@ def saved_bytes(p, K, checkpoint, monkeypatch, steps=40):
     monkeypatch.setattr(diffexp, "ddim_step_with_logprob", counting_step)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = diffexp.sample_batch(p, ["cat", "dog"], explore_args(eta=0.0), True, torch.Generator().manual_seed(0), backprop_steps=K, checkpoint=checkpoint)
+            out = diffexp.sample_batch(p, ["cat", "dog"], torch.Generator().manual_seed(0), explore=True, **sampling(eta=0.0), backprop_steps=K, checkpoint=checkpoint)
             pattern_reward()(out["images"], None).mean()
     finally:
         monkeypatch.undo()
@@ -461,24 +446,15 @@ def test_alignprop_memory_is_flat_with_checkpointing(pipe, monkeypatch):
 def test_alignprop_forward_equals_the_sampler(pipe):
     """Exploration off: the gradient machinery (truncation, checkpointing) does not change the numbers."""
     pipe.scheduler.set_timesteps(10)
-    args = explore_args(eta=0.0)
+    args = sampling(eta=0.0)
     try:
         with torch.no_grad():
-            plain = diffexp.sample_batch(pipe, ["cat", "dog"], args, False, torch.Generator().manual_seed(3))
-        graded = diffexp.sample_batch(pipe, ["cat", "dog"], args, False, torch.Generator().manual_seed(3), backprop_steps=4, checkpoint=True)
+            plain = diffexp.sample_batch(pipe, ["cat", "dog"], torch.Generator().manual_seed(3), explore=False, **args)
+        graded = diffexp.sample_batch(pipe, ["cat", "dog"], torch.Generator().manual_seed(3), explore=False, **args, backprop_steps=4, checkpoint=True)
     finally:
         pipe.scheduler.set_timesteps(50)
     assert graded["images"].requires_grad
     assert torch.equal(graded["images"].detach(), plain["images"])
-
-
-def test_alignprop_learns_and_changes_only_lora():
-    reward = pattern_reward()
-    _, before, after, s0, s1 = train_tiny("alignprop", reward, epochs=3)
-    assert after > before + 5e-4, (before, after)
-    assert_only_lora_changed(s0, s1)
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,8 +474,8 @@ def test_sdxl_sampler_reproduces_stable_diffusion_xl_pipeline(sdxl):
     with torch.no_grad():
         cond, _ = diffexp.encode_prompts(sdxl, prompts)
         assert {k: tuple(v.shape) for k, v in cond.items()} == {"encoder_hidden_states": (2, 77, 64), "text_embeds": (2, 32), "time_ids": (2, 6)}
-        args = explore_args(eta=0.0, w_high=7.5)
-        ours = diffexp.sample_batch(sdxl, prompts, args, False, torch.Generator().manual_seed(0))["images"]
+        args = sampling(eta=0.0, w_high=7.5)
+        ours = diffexp.sample_batch(sdxl, prompts, torch.Generator().manual_seed(0), explore=False, **args)["images"]
         # no negative prompt: with force_zeros_for_empty_prompt (SDXL-base's setting) the unconditional
         # branch is zeros in the pipeline, and in sample_batch
         ref = sdxl(prompts, latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0, output_type="pt").images
@@ -514,7 +490,7 @@ def test_sdxl_sampler_reproduces_stable_diffusion_xl_pipeline(sdxl):
 def test_sdxl_eq8_changes_only_the_chosen_token_of_both_encoders(sdxl):
     prompts = ["a dolphin riding a bike"] * 6
     with torch.no_grad():
-        out = diffexp.sample_batch(sdxl, prompts, explore_args(), True, torch.Generator().manual_seed(0))
+        out = diffexp.sample_batch(sdxl, prompts, torch.Generator().manual_seed(0), explore=True, **sampling())
         plain, _ = diffexp.encode_prompts(sdxl, prompts)
     weighted = out["cond"]["encoder_hidden_states"]
     changed = (weighted != plain["encoder_hidden_states"]).any(dim=2)  # [B, L]
@@ -530,7 +506,7 @@ def test_sdxl_ddpo_recomputation_is_on_policy(sdxl):
     sdxl.scheduler.set_timesteps(10)
     try:
         with torch.no_grad():
-            batch = diffexp.sample_batch(sdxl, ["a dolphin riding a bike", "a cat"], explore_args(w_high=5.0), True, torch.Generator().manual_seed(0))
+            batch = diffexp.sample_batch(sdxl, ["a dolphin riding a bike", "a cat"], torch.Generator().manual_seed(0), explore=True, **sampling(w_high=5.0))
             i = torch.arange(2)
             order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b)) for b in range(2)])  # [2, 10]
             for j in range(10):
@@ -540,20 +516,16 @@ def test_sdxl_ddpo_recomputation_is_on_policy(sdxl):
         sdxl.scheduler.set_timesteps(20)
 
 
-def test_sdxl_alignprop_learns_and_changes_only_lora(tmp_path):
-    reward = pattern_reward()
-    _, before, after, s0, s1 = train_tiny("alignprop", reward, epochs=3, lr=0.1, model="tiny-sdxl")  # tiny SDXL reacts more weakly
-    assert after > before + 1e-3, (before, after)
-    assert_only_lora_changed(s0, s1)
-    # the tiny SDXL pipeline saves and loads back as SDXL, and the CLI runs it end to end
-    diffexp.tiny_pipeline(sdxl=True).save_pretrained(tmp_path / "sdxl")
+def test_sdxl_saves_loads_and_trains_end_to_end(tmp_path):
+    """The tiny SDXL pipeline saves and loads back as SDXL, the CLI trains it, and diffusers' SDXL LoRA loader reads the checkpoint."""
+    shapes.tiny_pipeline(sdxl=True).save_pretrained(tmp_path / "sdxl")
     assert type(diffexp.load_pipeline(str(tmp_path / "sdxl"), 4, "cpu", torch.float32)).__name__ == "StableDiffusionXLPipeline"
     code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", "--model", "tiny-sdxl", *TINY_RUN[2:], "--epochs", "1",
                              "--eval-every", "0", "--out", str(tmp_path / "run"))
     assert code == 0, err
-    fresh = diffexp.tiny_pipeline(sdxl=True)
-    fresh.load_lora_weights(str(tmp_path / "run" / "checkpoint"))  # the diffusers SDXL LoRA loader reads it
-
+    fresh = shapes.tiny_pipeline(sdxl=True)
+    fresh.load_lora_weights(str(tmp_path / "run" / "checkpoint"))
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora_weights(str(tmp_path / "run")).items() if "lora_B" in k or "lora.up" in k)
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
@@ -609,9 +581,10 @@ def lora_weights(run_dir):
     (["--t-thres", "1000"], "--t-thres 1000 is outside [0, 1000)"),
     (["--t-thres", "-1"], "outside [0, 1000)"),
     (["--alpha-min", "2", "--alpha-max", "1"], "--alpha-min 2.0 is above --alpha-max 1.0"),
-    (["--prompts", "plants"], "unknown prompt set 'plants'; prompts.txt has: animals, unseen_animals"),
+    (["--prompts", "plants"], "prompts 'plants': no such file, nor a set of prompts.txt with prompts (animals, unseen_animals"),
     (["--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
     (["--backprop-steps", "60"], "--backprop-steps must be between 1 and --steps"),
+    (["--backprop-steps", "0"], "--backprop-steps must be between 1 and --steps"),  # not silently "all steps"
     (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
@@ -652,29 +625,45 @@ def test_overwrite_deletes_only_run_directories_and_wandb_must_be_installed(tmp_
     assert "pip install wandb" in capsys.readouterr().err
 
 
-def test_empty_prompt_set_is_refused(tmp_path, monkeypatch, capsys):
+def test_empty_prompt_set_is_refused_and_a_prompt_file_is_accepted(tmp_path, monkeypatch, capsys):
+    own = tmp_path / "my_prompts.txt"
+    own.write_text("# my own prompts\na red circle\n\na blue square\n")
+    args = diffexp.parse_args(["--model", "tiny", "--prompts", str(own), "--eval-prompts", str(own), *UNUSED_OUT])
+    assert diffexp.load_prompts(args.prompts) == ["a red circle", "a blue square"]
     (tmp_path / "prompts.txt").write_text("[animals]\ncat\n[unseen_animals]\n# nothing here\n")
     monkeypatch.setattr(diffexp, "PROMPTS_FILE", str(tmp_path / "prompts.txt"))
     with pytest.raises(SystemExit):
         diffexp.parse_args(["--model", "tiny"])
-    assert "prompt set 'unseen_animals' in prompts.txt is empty" in capsys.readouterr().err
+    assert "prompts 'unseen_animals': no such file, nor a set of prompts.txt with prompts" in capsys.readouterr().err
 
 
 def test_prompts_txt_has_the_papers_sets():
-    sets = diffexp.load_prompt_sets()
-    assert len(sets["animals"]) == 45 and len(sets["unseen_animals"]) == 6 and len(sets["drawbench"]) == 58
-    assert len(sets["animal_activities"]) == 135 and "a monkey washing the dishes" in sets["animal_activities"]
-    assert len(sets["unseen_animal_activities"]) == 135 and "a cat playing soccer" in sets["unseen_animal_activities"]
-    assert not set(sets["animals"]) & set(sets["unseen_animals"])
-    with open(os.path.join(os.path.dirname(HERE), "shared", "data", "drawbench_challenging.txt"), encoding="utf-8") as f:
-        drawbench = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
-    assert sets["drawbench"] == drawbench
+    load = diffexp.load_prompts
+    assert len(load("animals")) == 45 and len(load("unseen_animals")) == 6 and not set(load("animals")) & set(load("unseen_animals"))
+    assert len(load("animal_activities")) == 135 and "a monkey washing the dishes" in load("animal_activities")
+    assert len(load("unseen_animal_activities")) == 135 and "a cat playing soccer" in load("unseen_animal_activities")
+    # DrawBench's 58 challenging prompts, verbatim: their SHA-256, taken from the published list when it was copied
+    drawbench = load("drawbench")
+    assert len(drawbench) == 58 and drawbench[0] == "A horse riding an astronaut."
+    assert hashlib.sha256("\n".join(drawbench).encode()).hexdigest() == "f9f98dc777a9d8b123b6fafc31de15189aef5021ced6b1e3a92fe3f27fa14e67"
+    # the shapes world's sets: held-out colour-shape pairs, every prompt a caption of the grammar
+    seen, unseen = load("shapes"), load("unseen_shapes")
+    pairs = lambda prompts: {(shapes.parse_caption(p)["colour"], shapes.parse_caption(p)["shape"]) for p in prompts}
+    assert len(pairs(seen)) == 18 and len(pairs(unseen)) == 6 and not pairs(seen) & pairs(unseen)
 
 
-def test_missing_model_exits_with_one_line_naming_tiny(tmp_path):
-    code, out, err = run_cli("--model", "nobody/no-such-model", "--out", str(tmp_path / "run"))
-    assert code != 0 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: cannot load --model 'nobody/no-such-model'") and "--model tiny" in err
+def test_without_the_hub_failures_are_one_line_naming_the_fix(tmp_path):
+    """No network (HF_HUB_OFFLINE=1): a hub model or reward fails at once, in one line that names the thing and
+    the way out, and leaves no run directory behind."""
+    run = str(tmp_path / "run")
+    code, out, err = run_cli("--method", "ddpo", "--reward", "jpeg", "--model", "nobody/no-such-model", "--out", run)
+    assert code == 1 and "Traceback" not in err and not os.path.exists(run)
+    assert err.strip().splitlines()[-1].startswith("error: cannot load --model 'nobody/no-such-model'") and "--model shapes" in err
+    code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", "--model", "shapes", "--out", run)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err and not os.path.exists(run)
+    assert "reward aesthetic" in last and "sac+logos+ava1-l14-linearMSE.pth" in last and "DIFFEXP_AESTHETIC_HEAD" in last
+    assert len([line for line in err.splitlines() if "Retrying" in line or "connect" in line.lower()]) == 0
 
 
 def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
@@ -687,23 +676,84 @@ def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
     assert rows[1]["explore"] and rows[2]["explore"]  # ceil(3/4 of 2 epochs) = 2
     files = set(os.listdir(run))
     assert {"config.json", "log.jsonl", "checkpoint", "train_0001.png", "eval_seen_0002.png", "eval_unseen_0000.png"} <= files
-    assert "device cpu" in out and "float32" in out
+    # what the user is told: where the run goes, the device, progress bars, and a summary at the end
+    assert out.splitlines()[0] == f"run directory {run}" and "device cpu" in out and "float32" in out
+    assert "evaluating unseen" in err and "alignprop" in err  # tqdm's bars
+    assert "done after epoch 2 of 2 in" in out and f"eval_unseen_aesthetic {rows[-1]['eval_unseen_aesthetic']:.4g}" in out
     # the checkpoint is a diffusers LoRA: load_lora_weights on a fresh pipeline gives the trained UNet
-    fresh = diffexp.tiny_pipeline()
+    fresh = shapes.tiny_pipeline()
     fresh.load_lora_weights(os.path.join(run, "checkpoint"))
     trained = diffexp.load_pipeline("tiny", 4, "cpu", torch.float32)
-    diffexp.load_lora(trained.unet, os.path.join(run, "checkpoint"))
+    diffexp.load_checkpoint(run, trained.unet)
     x, c = torch.randn(1, 4, 16, 16), diffexp.encode_prompts(fresh, ["cat"])[0]["encoder_hidden_states"]
     with torch.no_grad():
         assert torch.allclose(fresh.unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample, atol=1e-6)
-        assert not torch.allclose(diffexp.tiny_pipeline().unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample)
-    # an existing run directory is refused without --resume or --overwrite
-    code, _, err = run_cli("--method", "alignprop", *TINY_RUN, "--epochs", "1", "--out", run)
-    assert code != 0 and "exists; pass --resume" in err and "Traceback" not in err
-    # --generate writes images with and without the LoRA
-    code, _, err = run_cli("--method", "alignprop", *TINY_RUN, "--generate", run)
+        assert not torch.allclose(shapes.tiny_pipeline().unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample)
+    # an existing run directory is refused without --resume or --overwrite, before anything loads
+    code, out, err = run_cli("--method", "alignprop", *TINY_RUN, "--epochs", "1", "--out", run)
+    assert code == 2 and "exists; pass --resume" in err and "Traceback" not in err and out == ""
+    # --resume of a finished run says so and exits 0
+    code, out, err = run_cli("--resume", run)
+    assert code == 0 and "has trained its 2 epochs already; pass a larger --epochs" in out
+    # --generate writes images of every evaluation prompt with and without the LoRA, with their rewards
+    code, out, err = run_cli("--generate", run)
     assert code == 0, err
-    assert {"generate_with_lora.png", "generate_without_lora.png"} <= set(os.listdir(run))
+    assert {"generate_with_lora.png", "generate_without_lora.png"} <= set(os.listdir(run)) and "eval_unseen_aesthetic" in out
+
+
+def test_defaults_come_from_the_small_model_then_the_method_then_the_common_table():
+    def args(*argv):
+        return diffexp.parse_args([*argv, *UNUSED_OUT])
+
+    shapes_ddpo, sd_alignprop = args("--model", "shapes", "--method", "ddpo"), args()
+    assert (shapes_ddpo.eval_every, shapes_ddpo.epochs, shapes_ddpo.lr, shapes_ddpo.w_high) == (2, 8, 3e-3, 5.0)
+    assert (sd_alignprop.eval_every, sd_alignprop.epochs, sd_alignprop.lr, sd_alignprop.w_high) == (10, 200, 1e-3, 7.5)
+    assert args("--model", "shapes", "--eval-every", "3").eval_every == 3  # a flag given wins
+
+
+def test_default_run_directories_do_not_collide():
+    """The default --out names the method, reward, model, arm, every setting that differs from its default, and the seed."""
+    def name(*argv):
+        return diffexp.parse_args(list(argv)).out
+
+    base = name("--model", "tiny")
+    assert base == os.path.join("runs", "alignprop-aesthetic-tiny-diffexp-s0")
+    others = [name("--model", "tiny-sdxl"), name("--model", "tiny", "--t-thres", "800"), name("--model", "tiny", "--alpha-max", "1"),
+              name("--model", "tiny", "--w-low", "7.5"), name("--model", "tiny", "--no-explore"), name("--model", "tiny", "--seed", "1"),
+              name("--model", "shapes"), name("--model", "tiny", "--method", "ddpo", "--reward", "jpeg"), name()]
+    assert len({base, *others}) == len(others) + 1
+    assert others[1] == os.path.join("runs", "alignprop-aesthetic-tiny-diffexp-t_thres=800-s0")
+    assert others[-1] == os.path.join("runs", "alignprop-aesthetic-stable-diffusion-v1-5-diffexp-s0")
+    assert name("--model", "tiny", "--epochs", "3", "--eval-every", "1") == base  # run tooling is not part of the name
+    many = ["--model", "tiny", "--steps", "7", "--w-low", "2", "--alpha-min", "1.5", "--t-thres", "700", "--lora-rank", "8", "--eta", "0.5",
+            "--clip-range", "0.001", "--lr"]
+    long = name(*many, "0.5")  # more than 80 characters of settings become a short hash of them
+    assert os.path.basename(long).startswith("alignprop-aesthetic-tiny-diffexp-custom") and len(os.path.basename(long)) < 60
+    assert long != name(*many, "0.6") and long == name(*many, "0.5")
+
+
+def test_help_is_grouped_shows_every_default_and_answers_before_torch_loads():
+    code = ("import runpy, sys\nsys.argv = ['diffexp.py', '--help']\n"
+            "try:\n    runpy.run_path('diffexp.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120).stdout
+    assert out.strip().endswith("torch loaded: False")
+    for group in ("what to fine-tune:", "sampling:", "DiffExp (Eq. 7, Eq. 8):", "training:", "DDPO:", "AlignProp:", "run:"):
+        assert group in out
+    text = "".join(out.split())  # argparse wraps lines, also at hyphens: compare without whitespace
+    for shown in ("--w-high W_HIGH Eq. 7: the ordinary CFG scale, for t <= t_thres (paper's values) (default: ddpo 5.0, alignprop 7.5)",
+                  "(default: alignprop)", "(default: aesthetic)", "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)",
+                  "(default: animals; shapes shapes)", "(default: unseen_animals; shapes unseen_shapes)", "(default: 10; shapes 2)",
+                  "(default: 0)", "(default: reward_curves.png)", "(default: 200; tiny 6, tiny-sdxl 6, shapes 8)".replace(", ", "; ")):
+        assert "".join(shown.split()) in text, shown
+
+
+def test_the_repository_stands_alone():
+    """No file of the project cites the design notes or reads a folder beside the repository."""
+    for name in ("diffexp.py", "rewards.py", "shapes.py", "test_diffexp.py", "README.md", "prompts.txt"):
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            text = f.read()
+        assert "SPEC" + ".md" not in text and "../" + "shared" not in text, name
 
 
 @pytest.mark.parametrize("method, reward", [("ddpo", "jpeg"), ("alignprop", "aesthetic")])
@@ -715,6 +765,7 @@ def test_resume_continues_exactly(tmp_path, method, reward, capsys):
     diffexp.main([*common, "--epochs", "2", "--out", split])
     assert [r["epoch"] for r in read_log(split)] == [1, 2]
     diffexp.main([*common, "--epochs", "4", "--resume", split])
+    assert f"run directory {split}, resumed after epoch 2" in capsys.readouterr().out
     a, b = lora_weights(one), lora_weights(split)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert [r["epoch"] for r in read_log(split)] == [1, 2, 3, 4]
@@ -762,39 +813,34 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(SystemExit, match="No space left on device.*last good checkpoint is intact"):
+    with pytest.raises(SystemExit, match="No space left on device.*the last good one is intact"):
         diffexp.main(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "3", "--eval-every", "0", "--save-every", "1", "--out", run])
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == 1
     assert sorted(os.listdir(run)) == ["checkpoint", "config.json", "log.jsonl", "train_0001.png", "train_0002.png"]
 
 
-def test_failed_setup_leaves_no_run_directory(tmp_path):
-    run = str(tmp_path / "run")
-    code, _, err = run_cli("--model", "nobody/no-such-model", "--out", run)
-    assert code != 0 and not os.path.exists(run)
-
-
-def test_resume_after_a_crash_between_the_checkpoint_renames(tmp_path):
+def test_resume_after_a_crash_inside_the_checkpoint_swap(tmp_path):
     run = str(tmp_path / "run")
     common = ["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--eval-every", "0"]
     diffexp.main([*common, "--epochs", "1", "--out", run])
-    os.rename(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.old"))  # the window between the renames
+    os.rename(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.tmp"))  # the old one deleted, the new one not renamed
     diffexp.main([*common, "--epochs", "2", "--resume", run])
     assert [r["epoch"] for r in read_log(run)] == [1, 2]
-    # a crash after the second rename leaves a stale .old beside the new checkpoint: the next save copes
-    shutil.copytree(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.old"))
-    diffexp.main([*common, "--epochs", "3", "--resume", run])
     assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint")) == ["checkpoint"]
+    assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == 2
+    # a checkpoint.tmp cut short (no state.pt) beside a good checkpoint is ignored, then replaced
+    os.makedirs(os.path.join(run, "checkpoint.tmp"))
+    diffexp.main([*common, "--epochs", "3", "--resume", run])
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == 3
 
 
-def test_unwritable_run_directory_is_one_clear_error(tmp_path):
+def test_unwritable_run_directory_is_refused_before_anything_loads(tmp_path):
     (tmp_path / "a_file").write_text("")
-    code, _, err = run_cli("--method", "alignprop", *TINY_RUN, "--out", str(tmp_path / "a_file" / "run"))
-    assert code != 0 and "Traceback" not in err and "cannot write to run directory" in err
+    code, out, err = run_cli("--method", "alignprop", *TINY_RUN, "--out", str(tmp_path / "a_file" / "run"))
+    assert code == 2 and out == "" and "Traceback" not in err and "cannot write the run directory" in err
 
 
-def test_sigint_finishes_the_epoch_saves_and_exits_zero(tmp_path):
+def test_sigint_says_so_finishes_the_epoch_saves_and_exits_zero(tmp_path):
     run = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "diffexp.py"), "--method", "alignprop", "--reward", "aesthetic", *TINY_RUN,
                              "--epochs", "100", "--eval-every", "0", "--save-every", "50", "--out", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -804,32 +850,45 @@ def test_sigint_finishes_the_epoch_saves_and_exits_zero(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "stopped by signal" in out
+    assert "signal 2: finishing this epoch, then saving and stopping" in out
     epochs = [r["epoch"] for r in read_log(run)]
     assert 2 <= epochs[-1] < 100 and epochs == list(range(1, epochs[-1] + 1))
+    assert f"stopped after epoch {epochs[-1]} of 100" in out and f"continue with --resume {run}" in out
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == epochs[-1]
 
 
-@pytest.mark.parametrize("method, reward", [("ddpo", "jpeg"), ("alignprop", "aesthetic")])
-def test_two_processes_end_with_identical_lora(tmp_path, method, reward):
-    """torchrun with 2 CPU processes (gloo): different samples per rank, averaged gradients, the same LoRA."""
+def test_main_in_process_restores_the_signal_handlers(tmp_path):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    diffexp.main(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "1", "--eval-every", "0", "--out", str(tmp_path / "run")])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def torchrun(tmp_path, *argv):
+    """diffexp.main under torchrun with 2 CPU processes (gloo, one thread each); each rank saves its LoRA at the start and end."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(f"""
 import os, sys, torch
 sys.path.insert(0, {HERE!r})
 import diffexp
+from peft.utils import get_peft_model_state_dict
 train = diffexp.train
 def train_and_dump(pipe, *args, **kwargs):
-    start = {{k: v.clone() for k, v in diffexp.lora_state_dict(pipe.unet).items()}}
-    train(pipe, *args, **kwargs)
-    torch.save(dict(start=start, end=diffexp.lora_state_dict(pipe.unet)), os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
+    start = {{k: v.clone() for k, v in get_peft_model_state_dict(pipe.unet).items()}}
+    row = train(pipe, *args, **kwargs)
+    torch.save(dict(start=start, end=get_peft_model_state_dict(pipe.unet)), os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
+    return row
 diffexp.train = train_and_dump
 diffexp.main(sys.argv[1:])
 """)
-    run = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-                           "--method", method, "--reward", reward, *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run],
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher), *argv],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("method, reward", [("ddpo", "jpeg"), ("alignprop", "aesthetic")])
+def test_two_processes_end_with_identical_lora(tmp_path, method, reward):
+    """torchrun with 2 CPU processes: different samples per rank, averaged gradients, the same LoRA, metrics over both ranks."""
+    run = str(tmp_path / "run")
+    proc = torchrun(tmp_path, "--method", method, "--reward", reward, *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert all(torch.equal(r0["end"][k], r1["end"][k]) for k in r0["end"])  # bit-identical on both ranks
@@ -838,6 +897,14 @@ diffexp.main(sys.argv[1:])
     rows = read_log(run)  # rank 0 alone writes; rewards are gathered from both ranks
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["reward_queries"] == 8
     assert os.path.exists(os.path.join(run, "checkpoint", "state.pt"))
+    assert proc.stdout.count("run directory") == 1 and proc.stdout.count('{"epoch": 1') == 1  # printed by rank 0 only
+    if method == "alignprop":  # each rank's loss is -0.01 x the mean of its rewards: averaged over ranks, it matches reward_mean
+        assert rows[1]["loss"] == pytest.approx(-0.01 * rows[1]["reward_mean"], rel=1e-4)
+
+
+def test_two_processes_report_an_argument_error_once(tmp_path):
+    proc = torchrun(tmp_path, "--model", "tiny", "--t-thres", "1000", "--out", str(tmp_path / "run"))
+    assert proc.returncode != 0 and proc.stderr.count("error: --t-thres 1000 is outside") == 1
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
@@ -846,24 +913,304 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
         diffexp.plot_runs([str(tmp_path)], str(tmp_path / "plot.png"))
 
 
-def test_plot_draws_reward_against_queries_per_run(tmp_path, monkeypatch):
+def test_plot_draws_training_and_evaluation_curves_per_run(tmp_path, monkeypatch):
     """The figure's data, checked through a recording stand-in for matplotlib (an optional import)."""
-    lines = []
-    axes = SimpleNamespace(plot=lambda x, y, label: lines.append((x, y, label)), set_xlabel=lambda *a: None, set_ylabel=lambda *a: None, legend=lambda: None)
+    lines, labels = [], {}
+    axes = [SimpleNamespace(plot=lambda x, y, fmt, label, k=k: lines.append((k, list(x), list(y), label)),
+                            set=lambda k=k, **kw: labels.__setitem__(k, kw), legend=lambda: None) for k in range(2)]
     figure = SimpleNamespace(tight_layout=lambda: None, savefig=lambda path, dpi: open(path, "w").close())
-    pyplot = SimpleNamespace(subplots=lambda figsize: (figure, axes))
+    pyplot = SimpleNamespace(subplots=lambda rows, cols, figsize: (figure, axes))
     monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
-    for name, explore in (("diffexp", False), ("baseline", True)):
+    for name, explore, reward in (("diffexp", False, "aesthetic"), ("baseline", True, "aesthetic"), ("other", False, "jpeg")):
         os.makedirs(tmp_path / name)
-        (tmp_path / name / "config.json").write_text(json.dumps(dict(method="ddpo", reward="aesthetic", no_explore=explore)))
-        rows = [dict(epoch=0, reward_queries=0, eval_seen_aesthetic=1.0), dict(epoch=1, reward_queries=64, reward_mean=5.0), dict(epoch=2, reward_queries=128, reward_mean=6.0)]
+        (tmp_path / name / "config.json").write_text(json.dumps(dict(method="ddpo", reward=reward, no_explore=explore)))
+        rows = [dict(epoch=0, reward_queries=0, eval_unseen_aesthetic=1.0), dict(epoch=1, reward_queries=64, reward_mean=5.0),
+                dict(epoch=2, reward_queries=128, reward_mean=6.0, eval_unseen_aesthetic=2.0)]
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     diffexp.plot_runs([str(tmp_path / "diffexp"), str(tmp_path / "baseline")], str(tmp_path / "plot.png"))
-    assert lines == [([64, 128], [5.0, 6.0], "ddpo + DiffExp (diffexp)"), ([64, 128], [5.0, 6.0], "ddpo (baseline)")]
-    assert os.path.exists(tmp_path / "plot.png")
+    assert lines == [(0, [64, 128], [5.0, 6.0], "ddpo + DiffExp (diffexp)"), (1, [0, 128], [1.0, 2.0], "ddpo + DiffExp (diffexp)"),
+                     (0, [64, 128], [5.0, 6.0], "ddpo (baseline)"), (1, [0, 128], [1.0, 2.0], "ddpo (baseline)")]
+    assert labels[0]["ylabel"] == labels[1]["ylabel"] == "mean aesthetic" and os.path.exists(tmp_path / "plot.png")
+    with pytest.raises(ValueError, match=r"different rewards \(aesthetic, jpeg\)"):  # no single y-label fits
+        diffexp.plot_runs([str(tmp_path / "diffexp"), str(tmp_path / "other")], str(tmp_path / "plot.png"))
     with pytest.raises(ValueError, match="not a run directory"):
         diffexp.plot_runs([str(tmp_path / "nothing")], str(tmp_path / "plot.png"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="--plot-out /no/such/dir/plot.png: cannot write it"):
+        diffexp.plot_runs([str(tmp_path / "diffexp")], "/no/such/dir/plot.png")
+
+
+def spy_run(tmp_path, monkeypatch, *argv):
+    """A CLI run in-process on the tiny model that records, per epoch, every sample() call's guidance scales,
+    every AlignProp truncation K, every DDPO log-prob recomputation and every optimizer step."""
+    calls, epoch = [], [0]
+    real_sample, real_loss, real_log_prob, real_step = diffexp.sample, diffexp.alignprop_loss, diffexp.ddpo_log_prob, diffexp.optimizer_step
+    real_epoch = {m: getattr(diffexp, f"{m}_epoch") for m in ("ddpo", "alignprop")}
+
+    def record(kind, value, result):
+        calls.append((epoch[0], kind, value))
+        return result
+
+    def epoch_of(method):
+        def run(*a, **k):
+            epoch[0] += 1
+            return real_epoch[method](*a, **k)
+        return run
+
+    monkeypatch.setattr(diffexp, "sample", lambda pipe, cond, uncond, scales, *a, **k: record("scales", scales.tolist(), real_sample(pipe, cond, uncond, scales, *a, **k)))
+    monkeypatch.setattr(diffexp, "alignprop_loss", lambda pipe, fn, prompts, g, K, *a, **k: record("K", K, real_loss(pipe, fn, prompts, g, K, *a, **k)))
+    monkeypatch.setattr(diffexp, "ddpo_log_prob", lambda pipe, batch, i, s, eta: record("log_prob", len(i), real_log_prob(pipe, batch, i, s, eta)))
+    monkeypatch.setattr(diffexp, "optimizer_step", lambda *a: record("step", None, real_step(*a)))
+    for method in ("ddpo", "alignprop"):
+        monkeypatch.setattr(diffexp, f"{method}_epoch", epoch_of(method))
+    diffexp.main(["--model", "tiny", "--steps", "4", "--eval-every", "0", "--out", str(tmp_path / "run"), *argv])
+    return calls, read_log(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("epochs", [4, 5])
+def test_exploration_runs_for_the_first_three_quarters_of_the_epochs(tmp_path, monkeypatch, epochs):
+    calls, rows = spy_run(tmp_path, monkeypatch, "--method", "alignprop", "--reward", "aesthetic", "--batch-size", "4",
+                          "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", str(epochs), "--t-thres", "500")
+    explored = math.ceil(0.75 * epochs)
+    assert [r["explore"] for r in rows] == [True] * explored + [False] * (epochs - explored)
+    for e in range(1, epochs + 1):  # 4 steps: t = 751, 501, 251, 1; while exploring, t > 500 runs at w_low = 1
+        scales = [v for k, kind, v in calls if k == e and kind == "scales"]
+        assert len(scales) == 2 and all(v == ([1.0, 1.0, 7.5, 7.5] if e <= explored else [7.5] * 4) for v in scales), (e, scales)
+
+
+def test_no_explore_samples_plainly_throughout(tmp_path, monkeypatch):
+    calls, rows = spy_run(tmp_path, monkeypatch, "--method", "alignprop", "--reward", "aesthetic", "--batch-size", "4", "--micro-batch-size", "2",
+                          "--train-batch-size", "4", "--epochs", "2", "--t-thres", "500", "--no-explore")
+    assert [r["explore"] for r in rows] == [False, False]
+    assert all(v == [7.5] * 4 for _, kind, v in calls if kind == "scales")
+    calls, rows = spy_run(tmp_path / "b", monkeypatch, "--method", "alignprop", "--reward", "aesthetic", "--batch-size", "4",
+                          "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", "2", "--t-thres", "500")
+    assert all(v == [1.0, 1.0, 7.5, 7.5] for _, kind, v in calls if kind == "scales")  # t = 751, 501 > 500: w_low
+
+
+def test_ddpo_inner_epochs_and_timestep_fraction(tmp_path, monkeypatch):
+    common = ["--method", "ddpo", "--reward", "jpeg", "--batch-size", "8", "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", "1"]
+    calls, _ = spy_run(tmp_path / "a", monkeypatch, *common)
+    assert sum(kind == "step" for *_, kind, _ in calls) == 2  # 8 samples, 4 per optimizer step
+    assert sum(v for *_, kind, v in calls if kind == "log_prob") == 8 * 4  # every sample trains on all 4 steps
+    monkeypatch.undo()
+    calls, _ = spy_run(tmp_path / "b", monkeypatch, *common, "--inner-epochs", "2", "--timestep-fraction", "0.5")
+    assert sum(kind == "step" for *_, kind, _ in calls) == 4  # two passes over the batch
+    assert sum(v for *_, kind, v in calls if kind == "log_prob") == 2 * 8 * 2  # each pass: 2 of the 4 steps per sample
+
+
+def test_alignprop_draws_one_truncation_per_batch(tmp_path, monkeypatch):
+    common = ["--method", "alignprop", "--reward", "aesthetic", "--batch-size", "16", "--micro-batch-size", "1", "--train-batch-size", "16",
+              "--epochs", "1", "--steps", "4"]
+    K = lambda calls: [v for *_, kind, v in calls if kind == "K"]
+    default = K(spy_run(tmp_path / "a", monkeypatch, *common)[0])
+    assert len(default) == 16 and set(default) == {1, 2, 3, 4}  # K ~ U{1..steps}, one per micro-batch
+    monkeypatch.undo()
+    assert K(spy_run(tmp_path / "b", monkeypatch, *common, "--backprop-steps", "2")[0]) == [2] * 16  # fixed K
+    monkeypatch.undo()
+    drawn = K(spy_run(tmp_path / "c", monkeypatch, *common, "--backprop-steps", "2", "--backprop-random")[0])
+    assert len(drawn) == 16 and set(drawn) == {1, 2}  # K ~ U{1..2}
+
+
+def test_eq8_alpha_is_applied_in_fp32_before_the_cast():
+    g = torch.Generator().manual_seed(0)
+    c, c_empty = torch.randn(2, 5, 8, generator=g).bfloat16(), torch.randn(1, 5, 8, generator=g).bfloat16()
+    alpha = torch.tensor([1.001, 1.9999])  # bf16 would round these to 1.0 and 2.0
+    out = diffexp.weight_prompt_embeds(c, c_empty, torch.tensor([1, 3]), alpha)
+    expected = (c_empty[0, [1, 3]].float() + alpha[:, None] * (c[[0, 1], [1, 3]].float() - c_empty[0, [1, 3]].float())).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out[[0, 1], [1, 3]], expected)
+
+
+def test_evaluation_covers_the_whole_prompt_set(pipe, monkeypatch):
+    """Every prompt of a set is evaluated, in order, cycled to at least --batch-size images."""
+    args = diffexp.parse_args(["--model", "tiny", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--train-batch-size", "4",
+                               *UNUSED_OUT])
+    seen = []
+    monkeypatch.setattr(diffexp, "sample_batch", lambda pipe, prompts, generator, **k: seen.extend(prompts) or dict(images=torch.rand(len(prompts), 3, 8, 8)))
+    prompts = [f"prompt {k}" for k in range(7)]
+    metrics, shown = diffexp.evaluate(pipe, {"jpeg": rewards.load_reward("jpeg", "cpu", torch.float32)}, {"unseen": prompts}, args, 1)
+    assert seen == prompts + prompts[:1]  # 7 prompts, rounded up to whole micro-batches of 2
+    assert [p for _, p, _ in shown["unseen"]] == seen and all(isinstance(r, float) for *_, r in shown["unseen"])
+    seen.clear()
+    diffexp.evaluate(pipe, {"jpeg": rewards.load_reward("jpeg", "cpu", torch.float32)}, {"unseen": prompts[:3]}, args, 1)
+    assert seen == prompts[:3] + prompts[:1]  # a small set is cycled to --batch-size 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes world (shapes.py): data, judge, the pixel VAE, the shipped model, its rewards and learning
+
+
+def test_caption_grammar_round_trips():
+    assert shapes.caption_of("red", "circle") == "a red circle" and shapes.caption_of("orange", "square", size="large") == "a large orange square"
+    assert shapes.caption_of("blue", "triangle", count=2, size="small", background="white") == "two small blue triangles on a white background"
+    assert shapes.caption_of("green", "circle", background="orange") == "a green circle on an orange background"
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = shapes.random_attributes(rng)
+        parsed = shapes.parse_caption(shapes.caption_of(**a))
+        assert parsed == {k: a[k] for k in ("colour", "shape", "count", "background")}
+    with pytest.raises(ValueError, match="names no colour or no shape"):
+        shapes.parse_caption("a cat")
+
+
+def judge_accuracy(attributes, images):
+    """The fraction of images whose every named attribute the judge reads back."""
+    readings = shapes.judge(images)
+    return np.mean([all(r[k] == a[k] for k in ("colour", "shape", "count")) and a["background"] in (None, r["background"])
+                    for a, r in zip(attributes, readings)])
+
+
+def test_judge_reads_fresh_drawings_and_their_pixel_vae_round_trip():
+    rng = np.random.default_rng(123)  # not a seed that pretraining draws from
+    attributes = [shapes.random_attributes(rng) for _ in range(300)]
+    images = torch.from_numpy(np.stack([shapes.draw(a, rng) for a in attributes]))
+    assert images.shape == (300, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert judge_accuracy(attributes, images) >= 0.95
+    vae = shapes.pixel_vae(1.25)
+    with torch.no_grad():
+        latents = vae.encode(images * 2 - 1).latent_dist.sample()  # [B, 4, 16, 16]
+        decoded = vae.decode(latents).sample / 2 + 0.5
+    # the latent is the 2 x 2-averaged image in channels 0-2 (to float error), zero in channel 3
+    assert torch.allclose(latents[:, :3], torch.nn.functional.avg_pool2d(images * 2 - 1, 2), atol=1e-4) and latents[:, 3].abs().max() < 1e-4
+    assert 10 * torch.log10(1 / (decoded - images).pow(2).mean()) > 25  # dB
+    assert judge_accuracy(attributes, decoded) >= 0.95
+
+
+def test_shapes_py_imports_nothing_from_the_project():
+    import ast
+
+    tree = ast.parse(open(os.path.join(HERE, "shapes.py")).read())
+    imported = {n.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"diffexp", "rewards"}
+
+
+def test_pretraining_is_deterministic_from_its_seed(tmp_path):
+    for name in ("a", "b"):
+        shapes.pretrain(str(tmp_path / name), seed=3, steps=3, batch_size=4)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / n / "unet" / "diffusion_pytorch_model.safetensors") for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and all(v.dtype == torch.float16 for v in a.values())
+
+
+def test_shipped_shapes_model_loads_plainly_and_is_small():
+    from diffusers import StableDiffusionPipeline
+
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(HERE, "shapes_model")) for f in files)
+    assert total <= 20e6
+    from safetensors.torch import load_file
+
+    stored = load_file(os.path.join(HERE, "shapes_model", "unet", "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in stored.values())
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(HERE, "shapes_model"))
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_shipped_shapes_model_follows_its_prompts():
+    """96 samples of "a COLOUR SHAPE" (each of the 24 pairs 4 times), 20 DDIM steps, fixed noise, read by the judge."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(HERE, "shapes_model"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    cfg5, _ = shapes.quality(pipe, guidance_scale=5.0, n=96)
+    cfg1, _ = shapes.quality(pipe, guidance_scale=1.0, n=96)
+    # colour and shape as named; guidance matters: the whole caption (colour, shape and count) is followed at least
+    # 15 points more often at CFG 5 than unguided. (The colour alone is followed unguided too: see the README.)
+    assert cfg5["colour"] >= 0.85 and cfg5["shape"] >= 0.60 and cfg5["all"] >= cfg1["all"] + 0.15, (cfg5, cfg1)
+
+
+@pytest.mark.parametrize("explore", [True, False])
+def test_alignprop_fine_tuning_raises_the_colour_reward_on_held_out_prompts_and_noise(explore):
+    """Learning, measured where training never looked (unseen prompts, held-out noise), for 3 seeds, with DiffExp's
+    exploration and without; only the LoRA changes. Measured: 0.12 -> 0.33-0.44 after 2 epochs; a broken update
+    (a zero or sign-flipped gradient) leaves it at 0.12 or lowers it."""
+    for seed in range(3):
+        before, after, s0, s1 = fine_tune_shapes(seed, explore, epochs=2, lr=1e-2)
+        assert after > before + 0.1, (seed, before, after)
+    assert_only_lora_changed(s0, s1)
+
+
+@pytest.mark.parametrize("explore", [True, False])
+def test_ddpo_update_makes_better_than_average_samples_more_likely(explore):
+    """DDPO's learning signal, checked where it is measurable on a CPU: one clipped-ratio update on a batch of the
+    shapes model raises the log-likelihood of its above-average samples relative to its below-average ones
+    (sum of advantage x change in log pi > 0), for 3 seeds. A zero, sign-flipped or mismatched gradient fails it.
+    (DDPO raising a reward needs far more samples than a test can draw here: see the README.)"""
+    for seed in range(3):
+        args = diffexp.parse_args(["--method", "ddpo", "--model", "shapes", "--steps", "10", "--seed", str(seed), *UNUSED_OUT])
+        torch.manual_seed(seed)
+        p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
+        p.scheduler.set_timesteps(args.steps)
+        prompts = diffexp.load_prompts("shapes")[:4] * 4  # [16]: 4 samples of each of 4 prompts
+        reward = rewards.load_reward("colour", "cpu", torch.float32)
+        with torch.no_grad():
+            batch = diffexp.sample_batch(p, prompts, diffexp.seeded_generator(seed, 1, 0), explore=explore, **diffexp.sampling(args))
+            advantages = torch.as_tensor(diffexp.PerPromptStatTracker(32, 4).update(prompts, reward(batch["images"], prompts).numpy()),
+                                         dtype=torch.float32)
+        i, T = torch.arange(16), len(batch["timesteps"])
+
+        def log_probs():  # [16, T], recomputed under the current LoRA
+            return torch.stack([diffexp.ddpo_log_prob(p, batch, i, torch.full((16,), s), args.eta) for s in range(T)], dim=1)
+
+        lora = [q for q in p.unet.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(lora, lr=1e-4)  # Adam's first step moves every weight by lr: 1e-3 overshoots here
+        old = batch["log_probs"]
+        new = log_probs()
+        loss = sum(diffexp.ddpo_loss(new[:, s], old[:, s], advantages, args.clip_range, args.adv_clip_max) for s in range(T))
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            change = (log_probs() - old).sum(dim=1)  # [16]
+        assert (advantages * change).sum() > 0, (seed, advantages, change)
+
+
+def test_replicate_writes_figures_a_table_that_follows_from_its_logs_and_json(tmp_path):
+    """`shapes.py replicate` at a tiny size: 2 seeds x 2 arms run as subprocesses; the table is recomputed here from
+    the runs' own log.jsonl files."""
+    small = ["--epochs", "3", "--batch-size", "4", "--micro-batch-size", "4", "--train-batch-size", "4", "--steps", "4", "--eval-every", "1"]
+    code = subprocess.run([sys.executable, os.path.join(HERE, "shapes.py"), "replicate", "--method", "alignprop", "--seeds", "2",
+                           "--out", str(tmp_path), *small], capture_output=True, text=True, timeout=900)
+    assert code.returncode == 0, code.stderr[-3000:]
+    assert "[diffexp s1] epoch 3" in code.stdout and "[baseline s0] epoch 0" in code.stdout  # a progress line per run and epoch
+    assert {"curves.png", "diversity.png", "results.json"} <= set(os.listdir(tmp_path))
+    results = json.load(open(tmp_path / "results.json"))
+    metric = "eval_unseen_colour"
+    logs = {arm: [read_log(str(tmp_path / "runs" / f"{arm}-s{s}")) for s in range(2)] for arm in ("diffexp", "baseline")}
+    for arm in ("diffexp", "baseline"):
+        per_seed = [[r[metric] for r in log if metric in r] for log in logs[arm]]
+        assert results["curves"][f"{arm}/{metric}"]["per_seed"] == per_seed
+        assert results["curves"][f"{arm}/{metric}"]["mean"] == pytest.approx(np.mean(per_seed, axis=0).tolist())
+    queries = [r["reward_queries"] for r in logs["baseline"][0] if metric in r]
+    base = np.mean([[r[metric] for r in log if metric in r] for log in logs["baseline"]], axis=0)
+    for row in results["table"][metric]:
+        level = base[0] + row["fraction"] * (base[-1] - base[0])
+        assert row["level"] == pytest.approx(level)
+        for arm in ("diffexp", "baseline"):
+            firsts = [next((q for q, r in zip(queries, [r[metric] for r in log if metric in r]) if r >= level), None) for log in logs[arm]]
+            hits = [q for q in firsts if q is not None]
+            assert row[arm]["reached"] == f"{len(hits)}/2" and row[arm]["queries"] == (pytest.approx(np.mean(hits)) if hits else None)
+    assert set(results["diversity"]) == {"plain", "diffexp"} and all(v["distinct_readings"] >= 1 for v in results["diversity"].values())
+    assert [r["explore"] for r in logs["diffexp"][0][1:]] == [True, True, True] and not any(r["explore"] for r in logs["baseline"][0][1:])
+
+
+def test_shapes_rewards_read_the_prompt():
+    rng = np.random.default_rng(7)
+    red = dict(colour="red", shape="circle", count=1, size="large", background="white")
+    image = torch.from_numpy(shapes.draw(red, rng))[None]  # [1, 3, 32, 32]
+    colour, judge = (rewards.load_reward(name, "cpu", torch.float32) for name in ("colour", "shapes_judge"))
+    assert colour.differentiable and not judge.differentiable
+    area = torch.from_numpy(shapes.coverage("circle", 16, 16, 9.5)).mean()  # a large circle covers about a quarter
+    assert colour(image, ["a red circle"]).item() > 0.1 and colour(image, ["a blue circle"]).item() < 0.01
+    prompts = ["a red circle", "a red square", "two blue squares", "a red circle on a black background"]
+    assert judge(image.expand(4, -1, -1, -1), prompts).tolist() == pytest.approx([1.0, 2 / 3, 0.0, 0.75])
+    x = image.clone().requires_grad_(True)
+    colour(x, ["a red circle"]).sum().backward()
+    assert x.grad.abs().sum() > 0 and area > 0.1
+    with pytest.raises(ValueError, match="names no colour or no shape"):
+        judge(image, ["a cat"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -955,11 +1302,15 @@ def test_aesthetic_head_loads_real_key_layout(tmp_path):
     torch.testing.assert_close(head(x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_aesthetic_head_file_size_is_checked(tmp_path, monkeypatch):
+def test_aesthetic_head_of_another_shape_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "head.pth"
     torch.save({"layers.0.weight": torch.zeros(1, 1)}, path)
     monkeypatch.setenv("DIFFEXP_AESTHETIC_HEAD", str(path))
-    with pytest.raises(RuntimeError, match="has 3714759"):
+    with pytest.raises(ValueError, match="not the LAION aesthetic predictor"):
+        rewards.load_reward("aesthetic", "cpu", torch.float32)
+    head = {k: torch.zeros_like(v) for k, v in rewards._aesthetic_mlp(512).state_dict().items()}  # a ViT-B/32 head: 512 inputs
+    torch.save(head, path)
+    with pytest.raises(ValueError, match="takes 512 inputs, not the 768 of CLIP ViT-L/14"):
         rewards.load_reward("aesthetic", "cpu", torch.float32)
 
 
@@ -1007,3 +1358,145 @@ def test_wrong_inputs_fail_clearly():
         fn(torch.rand(2, 3, 32, 32), ["only one"])
     with pytest.raises(ValueError, match=r"shape \[B, 3, H, W\]"):
         fn(torch.rand(3, 32, 32), REWARD_PROMPTS[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# The real architectures at full size, random weights: SD 1.5 and the reward models through the real loading code.
+# Only the downloads are replaced: SD 1.5 is saved to a directory (--model DIR), and the reward models' files are
+# put into a Hugging Face cache of our own (HF_HUB_CACHE, HF_HUB_OFFLINE=1) under their real repository names.
+
+
+def build_sd15(path, sample_size):
+    """SD 1.5's published architecture with random weights (UNet 320/640/1280/1280, 2 layers per block, cross-attention
+    768, 8 heads; VAE 128/256/512/512, scaling 0.18215; CLIP ViT-L/14 text encoder), saved in fp16. sample_size is
+    the default latent size only (64 at 512 px): a smaller one keeps a CPU run short without changing a weight."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=sample_size, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                                cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                                projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    with torch.no_grad():  # keep a random decoder's images inside [-1, 1], where decode_latents' clamp passes
+        vae.decoder.conv_out.weight *= 1e-3  # gradients to the LoRA: the last layer is scaled down (same architecture)
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text_encoder)]
+    assert [round(c / 1e6, 1) for c in counts] == [859.5, 83.7, 123.1]  # SD 1.5's published parameter counts
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False)  # as the hub's SD 1.5; load_pipeline swaps in DDIM
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=shapes.clip_tokenizer(), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(path)
+
+
+def build_reward_hub(cache):
+    """The reward models' files, random weights in their real architectures, in a Hugging Face cache under their
+    real repository ids and file names, so that rewards.py fetches them exactly as from the hub."""
+    import open_clip
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    def snapshot(repo):
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        return folder / "snapshots" / ("0" * 40)
+
+    torch.manual_seed(1)
+    head = rewards._aesthetic_mlp(768).state_dict()  # the LAION MLP: keys layers.0/2/4/6/7
+    torch.save(head, snapshot(rewards.AESTHETIC_HEAD_REPO) / rewards.AESTHETIC_HEAD_FILE)
+    vit_l = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)
+    save_file({k: v.half().contiguous() for k, v in vit_l.state_dict().items()},
+              snapshot("timm/vit_large_patch14_clip_224.openai") / "open_clip_model.safetensors")
+    del vit_l
+    vit_h = open_clip.create_model("ViT-H-14", pretrained=None)  # HPS v2.1's architecture
+    torch.save(dict(state_dict={k: v.half() for k, v in vit_h.state_dict().items()}), snapshot("xswu/HPSv2") / "HPS_v2.1_compressed.pt")
+    del vit_h
+    text = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, hidden_act="gelu")
+    vision = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, patch_size=14, image_size=224,
+                  hidden_act="gelu")
+    pickscore = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=1024))  # CLIP ViT-H/14, as PickScore_v1
+    assert round(sum(p.numel() for p in pickscore.parameters()) / 1e6) == 986
+    pickscore.to(torch.float16).save_pretrained(snapshot("yuvalkirstain/PickScore_v1"))
+    del pickscore
+    laion = snapshot("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")  # its tokenizer files and config.json, as on the hub
+    shapes.clip_tokenizer().save_pretrained(laion)
+    CLIPConfig(text_config=text, vision_config=vision, projection_dim=1024).save_pretrained(laion)
+
+
+def test_full_size_sd15_and_reward_models_train_end_to_end(tmp_path):
+    """One AlignProp epoch with the hps+aesthetic+pickscore ensemble and one DDPO epoch with PickScore, through the CLI,
+    on SD 1.5's architecture (at 256 px, 2 steps) with the reward models' real architectures. About 10 minutes on 2 cores."""
+    build_sd15(tmp_path / "sd15", sample_size=32)
+    build_reward_hub(tmp_path / "hub")
+    env = dict(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    small = ["--model", str(tmp_path / "sd15"), "--steps", "2", "--micro-batch-size", "1", "--epochs", "1", "--eval-every", "0"]
+    # DDPO needs two samples: the advantage of a lone sample, (r - mean) / std, is 0
+    for method, reward, n in (("alignprop", "hps+aesthetic+pickscore", "1"), ("ddpo", "pickscore", "2")):
+        run = str(tmp_path / method)
+        code, out, err = run_cli("--method", method, "--reward", reward, *small, "--batch-size", n, "--train-batch-size", n,
+                                 "--out", run, env=env)
+        assert code == 0, err[-3000:]
+        row = read_log(run)[-1]
+        assert row["epoch"] == 1 and row["skipped_updates"] == 0 and math.isfinite(row["reward_mean"]) and math.isfinite(row["loss"])
+        trained = lora_weights(run)
+        assert len(trained) == 4 * 2 * 32 and any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k or "lora.up" in k)
+
+
+def measure_memory(Ks=(1, 10, 50), resolution=512, small=256):
+    """The figures of the README's Memory section, on SD 1.5's architecture with random weights, fp32, on the CPU:
+    bytes saved for backward (distinct storages, counted with saved_tensors_hooks) by one AlignProp micro-batch of
+    one image at `resolution` through the aesthetic reward's architecture (CLIP ViT-L/14 + MLP), for each K with
+    checkpointing, and (at `small` px: at 512 px they do not fit 24 GB of RAM in fp32) for K = 1 without checkpointing
+    and one DDPO training step of one image; and the parameter bytes. Checkpointed calls save only their inputs, which
+    the hooks do not see (checkpoint's own hooks take over inside): those are a few latents and embeddings per step.
+    Run: MALLOC_MMAP_THRESHOLD_=131072 python -c "import test_diffexp as t; t.measure_memory()" (about 15 minutes on
+    2 cores; the fixed threshold stops glibc's heap from keeping freed activations, which otherwise grows the process
+    by 1-2 GB per step until the graph is freed and runs K = 50 out of memory)."""
+    import tempfile
+
+    import open_clip
+
+    with tempfile.TemporaryDirectory() as d:
+        build_sd15(d, sample_size=resolution // 8)
+        pipe = diffexp.load_pipeline(d, 4, "cpu", torch.float32)
+    clip = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True).eval().requires_grad_(False)
+    head = rewards._aesthetic_mlp(768).eval().requires_grad_(False)
+    reward = lambda images, prompts: head(torch.nn.functional.normalize(clip.encode_image(rewards.clip_preprocess(images, 224)), dim=-1))
+
+    def saved(run):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(storages.values())
+
+    mb = 2 ** 20
+    frozen = {name: sum(p.numel() for p in getattr(pipe, name).parameters() if not p.requires_grad) for name in ("unet", "vae", "text_encoder")}
+    lora = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
+    print(f"parameters: frozen {frozen} (fp32 {4 * sum(frozen.values()) / mb:.0f} MB, bf16 {2 * sum(frozen.values()) / mb:.0f} MB), "
+          f"LoRA {lora} ({4 * lora / mb:.1f} MB fp32, with AdamW's two moments {12 * lora / mb:.1f} MB); aesthetic reward "
+          f"{sum(p.numel() for p in clip.parameters()) + sum(p.numel() for p in head.parameters())} parameters")
+    settings = dict(w_high=7.5, eta=0.0)
+    for K, checkpoint in [(K, True) for K in Ks] + [(1, False)]:
+        if not checkpoint:
+            resolution = small
+            pipe.unet.register_to_config(sample_size=small // 8)  # the latent size sample_batch draws
+        pipe.scheduler.set_timesteps(K)  # steps before the last K save nothing (tested above), so K steps suffice
+        run = lambda: reward(diffexp.sample_batch(pipe, ["a photo of a cat"], torch.Generator().manual_seed(0), backprop_steps=K,
+                                                  checkpoint=checkpoint, **settings)["images"], None)
+        print(f"AlignProp, 1 image at {resolution} px, K = {K}, checkpointing {'on' if checkpoint else 'off'}: "
+              f"{saved(run) / mb:.0f} MB saved for backward", flush=True)
+    pipe.scheduler.set_timesteps(2)
+    with torch.no_grad():
+        batch = diffexp.sample_batch(pipe, ["a photo of a cat"], torch.Generator().manual_seed(0), w_high=5.0, eta=1.0)
+    step = lambda: diffexp.ddpo_log_prob(pipe, batch, torch.tensor([0]), torch.tensor([1]), 1.0)
+    print(f"DDPO, 1 image at {resolution} px, one training step (CFG: 2 UNet passes): {saved(step) / mb:.0f} MB saved for backward")
