@@ -36,7 +36,7 @@ def arg(default, doc):
 @dataclass
 class Args:
     method: str = arg("alignprop", "ddpo (policy gradient) or alignprop (reward backprop)")
-    reward: str = arg("aesthetic", "a reward of rewards.py, e.g. aesthetic, pickscore, hps, jpeg, colour, or a+b+c")
+    reward: str = arg(None, "a reward of rewards.py, e.g. aesthetic, pickscore, hps, jpeg, fidelity, or a+b+c")
     model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or directory (SD 1.x, SDXL); offline: "
                      "shapes, tiny, tiny-sdxl")
     prompts: str = arg(None, "training prompts: a [set] of prompts.txt, or a file with one prompt per line")
@@ -52,6 +52,7 @@ class Args:
     no_explore: bool = arg(False, "plain sampling throughout: the DDPO or AlignProp baseline without DiffExp")
     epochs: int = arg(None, "training epochs; each samples --batch-size images")
     batch_size: int = arg(None, "images sampled per epoch, over all processes (paper: 64)")
+    samples_per_prompt: int = arg(None, "k: an epoch draws batch_size / k prompts, k samples of each (ours; paper: 1)")
     micro_batch_size: int = arg(None, "images per forward pass on one process: the memory knob")
     train_batch_size: int = arg(None, "samples per optimizer step, over all processes")
     lr: float = arg(None, "AdamW learning rate (paper's values)")
@@ -74,8 +75,6 @@ class Args:
     eval_reward: str = arg(None, "an extra reward scored at evaluation only, e.g. imagereward")
     save_every: int = arg(10, "checkpoint every N epochs and at the end; 0: at the end only")
     wandb: bool = arg(False, "also log to Weights & Biases (pip install wandb)")
-    plot: list = arg(None, "draw the reward curves of these run directories into --plot-out, then exit")
-    plot_out: str = arg("reward_curves.png", "where --plot writes its figure")
     generate: str = arg(None, "images of --eval-prompts with and without this run's LoRA, then exit")
 
 
@@ -83,24 +82,27 @@ FIELDS = {f.name: f for f in fields(Args)}
 GROUPS = {"method": "what to fine-tune", "steps": "sampling", "w_low": "DiffExp (Eq. 7, Eq. 8)",  # --help's groups,
           "epochs": "training", "inner_epochs": "DDPO", "backprop_steps": "AlignProp", "out": "run"}  # by first setting
 # The defaults that depend on something: a small offline model's first, then the method's (paper, appendix B).
-COMMON_DEFAULTS = dict(prompts="animals", eval_prompts="unseen_animals", epochs=200, batch_size=64, steps=50,
-                       eval_every=10)
+COMMON_DEFAULTS = dict(reward="aesthetic", prompts="animals", eval_prompts="unseen_animals", epochs=200, batch_size=64,
+                       samples_per_prompt=1, steps=50, eval_every=10)
 METHOD_DEFAULTS = dict(ddpo=dict(w_high=5.0, eta=1.0, lr=3e-4, weight_decay=1e-4, max_grad_norm=1.0, micro_batch_size=4,
                                  train_batch_size=32),
                        alignprop=dict(w_high=7.5, eta=0.0, lr=1e-3, weight_decay=0.1, max_grad_norm=5.0,
                                       micro_batch_size=2, train_batch_size=64))
-TINY_RUN = dict(epochs=6, batch_size=16, steps=20, micro_batch_size=4, train_batch_size=8, lr=1e-2)  # a minute on a CPU
-SHAPES_RUN = dict(prompts="shapes", eval_prompts="unseen_shapes", epochs=8, batch_size=32, steps=20,
-                  micro_batch_size=16, train_batch_size=16, lr=3e-3, eval_every=2)
-SMALL_MODEL_DEFAULTS = {"tiny": TINY_RUN, "tiny-sdxl": TINY_RUN, "shapes": SHAPES_RUN}
+# Per (model, method) for the offline models (ours): runs of a minute (tiny) or at most 3 minutes (shapes) on 2 cores.
+TINY_RUN = dict(epochs=6, batch_size=16, steps=20, micro_batch_size=4, train_batch_size=8, lr=1e-2)
+SHAPES_RUN = dict(reward="fidelity", prompts="shapes", eval_prompts="unseen_shapes", eval_every=2, micro_batch_size=16)
+SMALL_MODEL_DEFAULTS = {
+    ("shapes", "ddpo"): SHAPES_RUN | dict(epochs=12, batch_size=64, samples_per_prompt=16, steps=10, lr=1e-3),
+    ("shapes", "alignprop"): SHAPES_RUN | dict(epochs=8, batch_size=32, steps=20, train_batch_size=16, lr=3e-3),
+} | {(model, method): TINY_RUN for model in ("tiny", "tiny-sdxl") for method in METHOD_DEFAULTS}
 EXPLORE_FRACTION = 0.75  # paper: exploration runs for the first three quarters of the epochs
 RESUMABLE = {"epochs", "resume", "out", "overwrite", "eval_every", "eval_reward", "save_every", "wandb", "device",
-             "plot", "plot_out", "generate"}  # the settings a --resume may change; the others define the run
+             "generate"}  # the settings a --resume may change; the others define the run
 
 
 def default_of(name, method, model):
     """The value a setting takes when its flag is not given: from the first table that has it, else Args'."""
-    tables = ChainMap(SMALL_MODEL_DEFAULTS.get(model, {}), METHOD_DEFAULTS.get(method, {}), COMMON_DEFAULTS)
+    tables = ChainMap(SMALL_MODEL_DEFAULTS.get((model, method), {}), METHOD_DEFAULTS.get(method, {}), COMMON_DEFAULTS)
     return tables.get(name, FIELDS[name].default)
 
 
@@ -110,16 +112,17 @@ def build_parser():
     for name, f in FIELDS.items():
         if name in GROUPS:
             group = parser.add_argument_group(GROUPS[name])
-        ddpo, alignprop = (default_of(name, method, None) for method in METHOD_DEFAULTS)
-        shown = f"ddpo {ddpo}, alignprop {alignprop}" if ddpo != alignprop else ddpo
-        small = "".join(f"; {m} {table[name]}" for m, table in SMALL_MODEL_DEFAULTS.items() if name in table)
-        flag, doc = "--" + name.replace("_", "-"), f"{f.metadata['doc']} (default: {shown}{small})"
+        def shown(model):  # "5.0" or "ddpo 5.0, alignprop 7.5"
+            ddpo, alignprop = (default_of(name, method, model) for method in METHOD_DEFAULTS)
+            return f"ddpo {ddpo}, alignprop {alignprop}" if ddpo != alignprop else ddpo
+        small = "".join(f"; {model} {shown(model)}" for model in dict.fromkeys(m for m, _ in SMALL_MODEL_DEFAULTS)
+                        if any(name in SMALL_MODEL_DEFAULTS[model, method] for method in METHOD_DEFAULTS))
+        flag, doc = "--" + name.replace("_", "-"), f"{f.metadata['doc']} (default: {shown(None)}{small})"
         if f.type is bool:
             group.add_argument(flag, action="store_true", help=f.metadata["doc"])
         else:
             choices = {"method": METHOD_DEFAULTS, "dtype": ["fp32", "fp16", "bf16"]}.get(name)
-            group.add_argument(flag, type=str if f.type is list else f.type, nargs="+" if f.type is list else None,
-                               default=f.default, help=doc, choices=choices)
+            group.add_argument(flag, type=f.type, default=f.default, help=doc, choices=choices)
     return parser
 
 
@@ -281,18 +284,27 @@ def sample_batch(pipe, prompts, generator, w_high, eta, explore=False, w_low=1.0
     zeros = getattr(pipe.config, "force_zeros_for_empty_prompt", False)  # SDXL's uncond: zeros, but the size ids
     uncond = {k: v if k == "time_ids" or not zeros else torch.zeros_like(v) for k, v in c_empty.items()}
     scales = cfg_scale_schedule(pipe.scheduler.timesteps, w_low if explore else w_high, w_high, t_thres)  # [T]
+    size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    latents = torch.randn((len(prompts), channels, size, size), generator=generator).to(pipe.device)  # x_T
+    # Eq. 8 draws from a generator of its own, seeded from `generator` whether or not it explores: DiffExp and its
+    # baseline then draw the same x_T and DDIM noise from one seed (paired comparisons).
+    eq8_generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     if explore:
         special = pipe.tokenizer.all_special_ids  # BOS, EOS and padding
-        token_index, alpha = draw_prompt_weights(input_ids, special, alpha_min, alpha_max, generator)
+        token_index, alpha = draw_prompt_weights(input_ids, special, alpha_min, alpha_max, eq8_generator)
         # Eq. 8 weights the per-token embeddings (on SDXL both encoders' at once), not SDXL's pooled one
         c, c_empty = cond["encoder_hidden_states"], c_empty["encoder_hidden_states"]
         cond = cond | {"encoder_hidden_states": weight_prompt_embeds(c, c_empty, token_index, alpha)}
-    size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
-    latents = torch.randn((len(prompts), channels, size, size), generator=generator).to(pipe.device)  # x_T
     return sample(pipe, cond, uncond, scales, latents, eta, generator, backprop_steps, checkpoint)
 
 
 # ---- DDPO (Black et al. 2024): per-prompt advantages and the clipped-ratio loss of Eq. (6).
+def draw_prompt_ids(num_prompts, n, k, generator):
+    """An epoch's n prompt ids [n]: n // k prompts drawn uniformly, k samples of each in a row. k = 1 is the paper's
+    independent draws; with k > 1 (ours, as GRPO-style trainers) DDPO compares samples of one prompt at once."""
+    return torch.randint(num_prompts, (n // k,), generator=generator).repeat_interleave(k)
+
+
 class PerPromptStatTracker:
     """DDPO's per-prompt advantages (r - mean) / (std + 1e-6): over the prompt's last `buffer_size` rewards (kept
     across epochs) once it has `min_count` of them, and over the whole batch before that."""
@@ -335,12 +347,13 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
     # 1. Sample trajectories without a graph (DiffExp's Eq. 7 and 8 when `explore`), score them.
     samples, shown = [], []
     with torch.no_grad():
-        for _ in tqdm(range(n // mb), desc="sampling", disable=not is_main()):
-            ids = torch.randint(len(prompts), (mb,), generator=generator)
+        for ids in tqdm(draw_prompt_ids(len(prompts), n, args.samples_per_prompt, generator).split(mb), desc="sampling",
+                        disable=not is_main()):
             out = sample_batch(pipe, [prompts[k] for k in ids], generator, explore=explore, **sampling(args))
             out["rewards"], out["prompt_ids"] = reward_fn(out["images"], [prompts[k] for k in ids]).float(), ids
             images = out.pop("images").cpu()  # only the grid's 16 are kept: at 512 px they are large
-            shown += list(zip(images, [prompts[k] for k in ids], out["rewards"].tolist()))[: 16 - len(shown)]
+            scores = [{args.reward: r} for r in out["rewards"].tolist()]
+            shown += list(zip(images, [prompts[k] for k in ids], scores))[: 16 - len(shown)]
             samples.append(out)
     batch = {k: torch.cat([s[k] for s in samples]) for k in ("latents", "log_probs", "scales", "rewards", "prompt_ids")}
     batch["cond"] = {k: torch.cat([s["cond"][k] for s in samples]) for k in samples[0]["cond"]}
@@ -394,8 +407,9 @@ def alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimize
     K_max, random_K = args.backprop_steps or args.steps, args.backprop_random or args.backprop_steps is None
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
     rewards, losses, shown, skipped, finite = [], [], [], 0, True
+    ids = draw_prompt_ids(len(prompts), n, args.samples_per_prompt, generator).split(mb)
     for m in tqdm(range(n // mb), desc="alignprop", disable=not is_main()):
-        batch_prompts = [prompts[k] for k in torch.randint(len(prompts), (mb,), generator=generator)]
+        batch_prompts = [prompts[k] for k in ids[m]]
         K = int(torch.randint(1, K_max + 1, (1,), generator=generator)) if random_K else K_max  # K ~ U{1..K_max}
         loss, reward, images = alignprop_loss(pipe, reward_fn, batch_prompts, generator, K, args.loss_coeff,
                                               explore=explore, **sampling(args))
@@ -403,7 +417,8 @@ def alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimize
         finite &= bool(torch.isfinite(loss))
         rewards.append(reward.detach().float())
         losses.append(loss.item())
-        shown += list(zip(images.detach().cpu(), batch_prompts, reward.tolist()))[: 16 - len(shown)]
+        scores = [{args.reward: r} for r in reward.tolist()]
+        shown += list(zip(images.detach().cpu(), batch_prompts, scores))[: 16 - len(shown)]
         if (m + 1) % per_update == 0:
             skipped += not optimizer_step(lora, optimizer, scaler, args.max_grad_norm, world, finite)
             finite = True
@@ -444,7 +459,7 @@ def load_pipeline(model, lora_rank, device, dtype):
     """An SD 1.x or SDXL pipeline from a hub id or a directory ("shapes": shapes_model/; "tiny", "tiny-sdxl": random,
     from shapes.tiny_pipeline) with a DDIM scheduler, frozen weights in `dtype` on `device` and an fp32 LoRA."""
     if model in ("tiny", "tiny-sdxl"):
-        pipe = shapes.tiny_pipeline(sdxl=model == "tiny-sdxl").to(dtype=dtype)
+        pipe = shapes.tiny_pipeline(sdxl=model == "tiny-sdxl", dtype=dtype)
     for offline in (True, False) if model not in ("tiny", "tiny-sdxl") else ():  # the cache first: no network needed
         try:
             pipe = DiffusionPipeline.from_pretrained(SHAPES_MODEL if model == "shapes" else model, dtype=dtype,
@@ -518,7 +533,7 @@ def all_gather(x, world):
 @torch.no_grad()
 def evaluate(pipe, reward_fns, prompt_sets, args, world):
     """Plain sampling from fixed noise on each prompt set, every prompt, cycled to at least --batch-size images.
-    Returns the mean rewards {"eval_SET_REWARD": float} and this process's (image, prompt, first reward) per set."""
+    Returns the mean rewards {"eval_SET_REWARD": float} and this process's (image, prompt, {reward: score}) per set."""
     rank, mb = torch.distributed.get_rank() if world > 1 else 0, args.micro_batch_size
     metrics, shown = {}, {}
     for set_name, prompts in prompt_sets.items():
@@ -527,18 +542,20 @@ def evaluate(pipe, reward_fns, prompt_sets, args, world):
         rng = seeded_generator(args.seed, EVAL_SEED, rank)
         batches = tqdm(range(0, len(own), mb), desc=f"evaluating {set_name}", disable=not is_main())
         images = torch.cat([sample_batch(pipe, own[k : k + mb], rng, **sampling(args))["images"] for k in batches])
-        for reward_name, fn in reward_fns.items():
-            scores = torch.cat([fn(images[k : k + mb], own[k : k + mb]).float() for k in range(0, len(own), mb)])
-            metrics[f"eval_{set_name}_{reward_name}"] = all_gather(scores, world).mean().item()
-            shown.setdefault(set_name, list(zip(images.cpu(), own, scores.tolist())))
+        scores = {name: torch.cat([fn(images[k : k + mb], own[k : k + mb]).float() for k in range(0, len(own), mb)])
+                  for name, fn in reward_fns.items()}  # [len(own)] each
+        metrics |= {f"eval_{set_name}_{name}": all_gather(s, world).mean().item() for name, s in scores.items()}
+        shown[set_name] = [(image, prompt, {name: s[k].item() for name, s in scores.items()})
+                           for k, (image, prompt) in enumerate(zip(images.cpu(), own))]
     return metrics, shown
 
 
 def save_grid(path, shown, columns=4):
-    """(image [3, H, W] in [0, 1], prompt, reward) triples as one PNG, each image captioned under it."""
+    """(image [3, H, W] in [0, 1], prompt, {reward: score}) triples as one PNG, each image captioned under it."""
     images = torch.stack([image for image, _, _ in shown]).float().cpu()
     size = min(max(images.shape[-1], 128), 256)  # small images enlarged so that their captions fit, large ones shrunk
-    captions = [textwrap.wrap(f"{prompt} ({reward:.3g})", width=size // 6) for _, prompt, reward in shown]
+    captions = [textwrap.wrap(f"{prompt} (" + ", ".join(f"{name} {score:.3g}" for name, score in scores.items()) + ")",
+                              width=size // 6) for _, prompt, scores in shown]
     strip = 11 * max(map(len, captions)) + 2  # a white strip under each image for its caption
     images = F.interpolate(images, size=(size, size), mode="nearest-exact" if size > images.shape[-1] else "area")
     grid = make_grid(F.pad(images, (0, 0, 0, strip), value=1.0), nrow=columns, padding=2, pad_value=1.0)
@@ -580,42 +597,6 @@ def load_checkpoint(run_dir, unet=None):
     return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
 
 
-def plot_runs(run_dirs, out_path):
-    """Reward against reward queries, a line per run: training samples (the paper's Fig. 4), unseen prompts (Fig. 6)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib, which is optional: pip install matplotlib") from None
-    runs = {}
-    for run_dir in run_dirs:
-        try:
-            with open(os.path.join(run_dir, "log.jsonl")) as log, open(os.path.join(run_dir, "config.json")) as config:
-                runs[run_dir] = json.load(config), [json.loads(line) for line in log if line.strip()]
-        except OSError:
-            raise ValueError(f"--plot {run_dir}: not a run directory (no log.jsonl or config.json in it).") from None
-    reward, *others = sorted({config["reward"] for config, _ in runs.values()})
-    if others:
-        raise ValueError(f"--plot: the runs use different rewards ({', '.join([reward, *others])}); plot them apart.")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for run_dir, (config, rows) in runs.items():
-        arm = "" if config["no_explore"] else " + DiffExp"
-        label = f"{config['method']}{arm} ({os.path.basename(run_dir.rstrip('/'))})"
-        for ax, key in zip(axes, ("reward_mean", f"eval_unseen_{reward}")):
-            if any(key in r for r in rows):  # a run without evaluations has no second curve
-                ax.plot(*zip(*[(r["reward_queries"], r[key]) for r in rows if key in r]), ".-", label=label)
-    axes[0].set(title="training samples", xlabel="reward queries", ylabel=f"mean {reward}")
-    axes[1].set(title="evaluation: unseen prompts, fixed noise", xlabel="reward queries", ylabel=f"mean {reward}")
-    axes[1].legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(out_path, dpi=120)
-    except OSError as e:
-        raise ValueError(f"--plot-out {out_path}: cannot write it ({e.strerror or e}).") from None
-    print(f"wrote {out_path}")
-
-
 # ---- Command line.
 def parse_args(argv=None):
     """Args from the command line, unset settings from the defaults' tables (with --resume or --generate, the
@@ -640,19 +621,18 @@ def parse_args(argv=None):
                 fail(f"--resume {run_dir}: setting {name} was {saved[name]!r} there and is {value!r} now.")
     args = Args(**{k: default_of(k, namespace.method, namespace.model) if v is None else v
                    for k, v in vars(namespace).items()})
-    if args.plot:
-        return args
     try:
         rewards.check_reward(args.reward, need_grad=args.method == "alignprop")
         rewards.check_reward(args.eval_reward or args.reward)
         prompts = load_prompts(args.prompts) + load_prompts(args.eval_prompts)
-        if {args.reward, args.eval_reward} & {"colour", "shapes_judge"}:
+        if {args.reward, args.eval_reward} & set(rewards.SHAPES_WORLD):
             for prompt in prompts:  # these rewards read their prompts: they must be captions of shapes.py
                 shapes.parse_caption(prompt)
     except ValueError as e:
         fail(str(e))
     world, mb = int(os.environ.get("WORLD_SIZE", 1)), args.micro_batch_size
-    for name in ("epochs", "batch_size", "micro_batch_size", "train_batch_size", "steps", "lora_rank", "inner_epochs"):
+    for name in ("epochs", "batch_size", "samples_per_prompt", "micro_batch_size", "train_batch_size", "steps",
+                 "lora_rank", "inner_epochs"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1.")
     checks = [
@@ -667,6 +647,8 @@ def parse_args(argv=None):
          f"{world} process(es) x --micro-batch-size {mb}."),
         (args.batch_size % args.train_batch_size, f"--batch-size {args.batch_size} is not a multiple of "
          f"--train-batch-size {args.train_batch_size}."),
+        (args.batch_size // world % args.samples_per_prompt, f"--batch-size {args.batch_size} over {world} process(es) "
+         f"is not a multiple of --samples-per-prompt {args.samples_per_prompt}."),
         (args.device and args.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"),
          f"--device {args.device!r} is not a torch device; use e.g. cuda, cuda:1 or cpu."),
         (args.wandb and not importlib.util.find_spec("wandb"), "--wandb needs the wandb package: pip install wandb."),
@@ -687,12 +669,28 @@ def parse_args(argv=None):
         if not args.resume and os.path.exists(args.out) and not (args.overwrite and is_run):
             fail(f"--overwrite: {args.out} is not a run directory (no config.json); delete it yourself if you mean it."
                  if args.overwrite else f"{args.out} exists; pass --resume {args.out}, --overwrite or another --out.")
-        parent = os.path.abspath(args.out)
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            fail(f"cannot write the run directory {args.out}: {parent} is no writable directory; choose another --out.")
+        if int(os.environ.get("RANK", 0)) == 0 and (error := try_writing(args.out)):  # the one process that writes
+            fail(f"cannot write the run directory {args.out} ({error}); choose another --out.")
     return args
+
+
+def try_writing(run_dir):
+    """Do what a run will do, make run_dir and write a file in it, then undo both (os.access can be fooled, e.g. as
+    root under /proc). Returns None, or why it failed."""
+    path, missing = os.path.abspath(run_dir), []
+    while not os.path.exists(path):
+        missing.append(path)  # deepest first
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        open(os.path.join(run_dir, f".write-test-{os.getpid()}"), "w").close()
+        os.remove(os.path.join(run_dir, f".write-test-{os.getpid()}"))
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        for path in missing:
+            if os.path.isdir(path):
+                os.rmdir(path)
 
 
 def on_rank0(write, *args):
@@ -744,8 +742,6 @@ def main(argv=None):
     STOP.clear()
     logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)  # its retry warnings: failures say why
     try:  # every failure (no GPU, a missing model or download, a full disk) is one line, not a traceback
-        if args.plot:
-            return plot_runs(args.plot, args.plot_out)
         state = load_checkpoint(args.out) if args.resume else dict(epoch=0)
         if state["epoch"] >= args.epochs:
             return print(f"{args.out} has trained its {state['epoch']} epochs already; pass a larger --epochs.")
@@ -757,16 +753,19 @@ def main(argv=None):
                 device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(device)
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-        dtype = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[dtype]
+        dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        dtype = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[dtype_name]
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # on GPUs that have it
         tiny = args.model in ("tiny", "tiny-sdxl")
         if is_main():
             resumed = f", resumed after epoch {state['epoch']}" if args.resume else ""
             print(f"run directory {args.generate or args.out}{resumed}")
-            print(f"device {device}, frozen weights {dtype}, LoRA weights and losses fp32, {world} process(es); "
+            print(f"device {device}, frozen weights {dtype_name}, LoRA weights and losses fp32, {world} process(es); "
                   f"reward {args.reward}{' (tiny random networks)' if tiny else ''}")
-        names = filter(None, (args.reward, args.eval_reward))  # before the model: a failing download fails sooner
+        # The shapes world's judge scores every evaluation of its rewards: a reward that rises while the judge falls
+        # is being hacked. Rewards load before the model, so that a failing download fails sooner.
+        judge = ["shapes_judge"] if args.reward in rewards.SHAPES_WORLD else []
+        names = dict.fromkeys(filter(None, [args.reward, args.eval_reward, *judge]))
         reward_fns = {name: rewards.load_reward(name, device, dtype, tiny=tiny) for name in names}
         torch.manual_seed(args.seed)  # the LoRA's random initialisation
         pipe = load_pipeline(args.model, args.lora_rank, device, dtype)

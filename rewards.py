@@ -10,8 +10,11 @@ Names:
   jpeg                  DDPO's JPEG incompressibility: JPEG size in kB (not differentiable)
   jpeg_compressibility  minus the JPEG size in kB, so that smaller files score higher (not differentiable)
   imagereward           ImageReward v1.0, for evaluation only (not differentiable, needs `pip install image-reward`)
+  fidelity              the shapes world's PickScore: how well the image shows everything its caption names, the
+                        product of a small learned CNN's probabilities of the named colour, shape, count and
+                        background (if named), in [0, 1] (differentiable, prompt-dependent)
   colour                the shapes world's: the fraction of the image that shows the colour the prompt names
-                        (soft nearest-palette colour per pixel; differentiable, prompt-dependent like PickScore)
+                        (soft nearest-palette colour per pixel; differentiable; hacked by fields of colour)
   shapes_judge          the shapes world's: the fraction of the prompt's attributes (colour, shape, count, and the
                         background if named) that shapes.judge reads back (not differentiable, like DDPO's VQA reward)
   a+b+c                 ensemble of aesthetic, pickscore and hps: each member divided by its TYPICAL_SCALE,
@@ -41,7 +44,8 @@ from torch import nn
 # Typical magnitude of each reward on SD 1.5 samples: ours, rough round values, not tuned (the paper
 # does not state how it combines rewards). Only these rewards may join an ensemble.
 TYPICAL_SCALE = {"aesthetic": 5.5, "pickscore": 21.0, "hps": 0.28}
-DIFFERENTIABLE = tuple(TYPICAL_SCALE) + ("colour",)
+SHAPES_WORLD = ("fidelity", "colour", "shapes_judge")  # they read captions of shapes.py; the judge checks the others
+DIFFERENTIABLE = tuple(TYPICAL_SCALE) + ("fidelity", "colour")
 REWARDS = DIFFERENTIABLE + ("jpeg", "jpeg_compressibility", "imagereward", "shapes_judge")
 COLOUR_TEMPERATURE = 0.02  # of the per-pixel softmax over palette colours; their squared distances are >= 0.2
 
@@ -74,7 +78,7 @@ def check_reward(name, need_grad=False):
         raise ValueError(f"DIFFEXP_AESTHETIC_HEAD={head} is not a file; point it to {AESTHETIC_HEAD_FILE} or unset it")
     if need_grad and not all(m in DIFFERENTIABLE for m in members):
         raise ValueError(f"{name} is not differentiable; AlignProp needs a differentiable reward "
-                         f"(aesthetic, pickscore, hps, colour or an ensemble of the first three)")
+                         f"(aesthetic, pickscore, hps, fidelity, colour or an ensemble of the first three)")
 
 
 def load_reward(name, device, dtype, tiny=False):
@@ -344,6 +348,18 @@ def _colour(device, dtype, tiny):
     return fn
 
 
+def _fidelity(device, dtype, tiny):
+    import shapes
+    net = _frozen(shapes.load_fidelity_net(), device, dtype)  # a 1 MB file in shapes_model/: no tiny version needed
+
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        return shapes.fidelity(net, images.to(dtype), prompts).float()
+
+    fn.networks = (net,)
+    return fn
+
+
 def _shapes_judge(device, dtype, tiny):
     import shapes
 
@@ -360,5 +376,5 @@ def _shapes_judge(device, dtype, tiny):
 
 
 _LOADERS = {"aesthetic": _aesthetic, "pickscore": _pickscore, "hps": _hps, "jpeg": _jpeg,
-            "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward, "colour": _colour,
+            "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward, "fidelity": _fidelity, "colour": _colour,
             "shapes_judge": _shapes_judge}

@@ -1,6 +1,8 @@
-"""The shapes world: captioned 32x32 shapes, their judge, and a small text-to-image model pretrained on them.
+"""The shapes world: captioned 32x32 shapes, their judge, a learned fidelity scorer, and a small text-to-image model
+pretrained on them. It imports nothing of the project: diffexp.py and rewards.py build on it.
 
-    python shapes.py pretrain --out shapes_model     # about 15 minutes on a 2-core CPU
+    python shapes.py pretrain --out shapes_model     # about 17 minutes on a 2-core CPU
+    python shapes.py fidelity                        # the fidelity reward's scorer, shapes_model/fidelity.safetensors
 """
 
 import argparse
@@ -8,11 +10,7 @@ import gzip
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -87,9 +85,10 @@ def coverage(shape, cx, cy, r, size=RESOLUTION, supersample=SUPERSAMPLE):
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
-def draw(attributes, rng):
+def draw(attributes, rng, supersample=SUPERSAMPLE):
     """An anti-aliased RGB image [3, 32, 32] in [0, 1] of the attributes, with random positions, radii
-    and slight colour jitter; two shapes never overlap and every shape keeps a pixel off the border."""
+    and slight colour jitter; two shapes never overlap and every shape keeps a pixel off the border.
+    supersample=1 draws hard edges (no anti-aliasing)."""
     lo, hi = SIZES[attributes["count"]][attributes["size"]]
     jitter = lambda name: np.clip(np.array(PALETTE_RGB[name]) + rng.uniform(-0.04, 0.04, 3), 0, 1)
     background = attributes["background"] or "grey"
@@ -102,7 +101,7 @@ def draw(attributes, rng):
         if n == 1 or math.hypot(cx[0] - cx[1], cy[0] - cy[1]) > 1.3 * (r[0] + r[1]) + 1:
             break
     for cx, cy, r in zip(cx, cy, r):
-        a = coverage(attributes["shape"], cx, cy, r)
+        a = coverage(attributes["shape"], cx, cy, r, supersample=supersample)
         image = image * (1 - a) + colour[:, None, None] * a
     return image.astype(np.float32)
 
@@ -189,6 +188,100 @@ def best_template(alpha):
 
 
 # ----------------------------------------------------------------------------------------------
+# The fidelity scorer: a small CNN that reads what a caption can name, learned from fresh drawings.
+
+ATTRIBUTES = {"colour": list(COLOURS), "shape": list(SHAPES), "count": [1, 2], "background": list(PALETTE_RGB)}
+FIDELITY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_model", "fidelity.safetensors")
+
+
+class FidelityNet(torch.nn.Module):
+    """Four classifiers sharing one small CNN: the shapes' colour (8 classes), their shape (3), their count (1 or 2)
+    and the background (8 colours or grey) of images [B, 3, H, W] in [0, 1]. It reads them at 16 x 16 (an average
+    over pixel blocks), the resolution of the shapes model's latents, so that whatever pixel texture a sampler adds
+    on top carries no signal. Returns {attribute: log-probabilities [B, classes]}."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        w, layers = width, []
+        for c_in, c_out, stride in ((3, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, padding=1), torch.nn.GroupNorm(8, c_out), torch.nn.SiLU()]
+        self.features = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # [B, 4w]
+        self.heads = torch.nn.Linear(4 * w, sum(map(len, ATTRIBUTES.values())))
+
+    def forward(self, images):
+        x = F.adaptive_avg_pool2d(images, RESOLUTION // 2) * 2 - 1  # [B, 3, 16, 16] in [-1, 1]; 16 -> 8 -> 4 inside
+        split = self.heads(self.features(x)).split([len(v) for v in ATTRIBUTES.values()], dim=1)  # [B, 8 + 3 + 2 + 9]
+        return {name: part.log_softmax(dim=1) for name, part in zip(ATTRIBUTES, split)}
+
+
+def fidelity(net, images, prompts):
+    """How well each image [B, 3, H, W] shows everything its caption names: the product, over the attributes the
+    caption names (colour, shape, count, and the background if it names one), of the net's probability that the
+    image shows the named value. [B] in [0, 1], differentiable in the images."""
+    wanted = [parse_caption(p) for p in prompts]
+    log_p, rows = net(images), torch.arange(len(prompts), device=images.device)
+    total = torch.zeros(len(prompts), device=images.device)
+    for name, values in ATTRIBUTES.items():
+        named = torch.tensor([w[name] is not None for w in wanted], device=images.device)  # only background can be unsaid
+        index = torch.tensor([values.index(w[name]) if w[name] is not None else 0 for w in wanted], device=images.device)
+        total = total + named * log_p[name][rows, index]
+    return total.exp()
+
+
+def augment(images, g):
+    """Other ways of drawing the same captions, as a scorer should tolerate them: a small rotation and zoom, a blur,
+    a colour cast and contrast change, and pixel noise (the shapes model's samples are noisy). images [B, 3, 32, 32]."""
+    B = len(images)
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    angle, zoom = (u(B) - 0.5) * math.radians(30), 0.95 + 0.25 * u(B)  # +-15 degrees; zoom > 1: smaller shapes
+    cos, sin, zero = zoom * torch.cos(angle), zoom * torch.sin(angle), torch.zeros(B)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # [B, 2, 3]
+    images = F.grid_sample(images, F.affine_grid(theta, images.shape, align_corners=False), padding_mode="border",
+                           align_corners=False)  # the border is background, so padding with it adds background
+    soft = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)  # a 3 x 3 box blur
+    images = torch.where((u(B) < 0.3).view(B, 1, 1, 1), soft, images)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = mean + (0.85 + 0.3 * u(B, 1, 1, 1)) * (images - mean) + 0.12 * (u(B, 3, 1, 1) - 0.5)  # contrast, cast
+    return (images + 0.15 * u(B, 1, 1, 1) * torch.randn(images.shape, generator=g)).clamp(0, 1)
+
+
+def train_fidelity(out=FIDELITY_WEIGHTS, seed=0, steps=2000, batch_size=128, lr=3e-3):
+    """Train FidelityNet with cross-entropy on each attribute of fresh drawings (hard or anti-aliased edges, then
+    augment()), deterministic from `seed`, and save its weights (fp32 safetensors)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    net = FidelityNet()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    bar = tqdm(range(steps), desc="fidelity scorer")
+    for step in bar:
+        attributes = [random_attributes(rng) for _ in range(batch_size)]
+        drawn = [draw(a, rng, supersample=int(rng.choice([1, 2, 4]))) for a in attributes]
+        log_p = net(augment(torch.from_numpy(np.stack(drawn)), g))
+        loss = sum(F.nll_loss(log_p[name], torch.tensor([values.index(a[name] or "grey") for a in attributes]))
+                   for name, values in ATTRIBUTES.items())  # four cross-entropies; a background left unsaid is grey
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    save_file(net.state_dict(), out)
+    print(f"wrote {out}")
+
+
+def load_fidelity_net(path=FIDELITY_WEIGHTS):
+    """The shipped fidelity scorer (made by `python shapes.py fidelity`), frozen, in eval mode."""
+    from safetensors.torch import load_file
+
+    net = FidelityNet()
+    net.load_state_dict(load_file(path))
+    return net.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
 # The models: SD's real CLIP tokenizer built offline, a constructed VAE, the pipelines.
 
 
@@ -255,11 +348,12 @@ def pixel_vae(scaling_factor, carrier=2000.0):
     return vae
 
 
-def tiny_pipeline(seed=0, sdxl=False):
+def tiny_pipeline(seed=0, sdxl=False, dtype=torch.float32):
     """A random Stable Diffusion pipeline small enough for a CPU (32x32 images, 16x16 latents), built with no
     download, for fast tests of mechanics (its images are noise); with sdxl=True a StableDiffusionXLPipeline
     of the same size, with SDXL's two text encoders, pooled embedding and size conditioning. Its tokenizer
-    is SD's real CLIP tokenizer. Saved with save_pretrained, it loads back as any diffusers pipeline."""
+    is SD's real CLIP tokenizer. Its weights are made in `dtype` (diffusers warns about casting a model after).
+    Saved with save_pretrained, it loads back as any diffusers pipeline."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -271,19 +365,24 @@ def tiny_pipeline(seed=0, sdxl=False):
     # SDXL's UNet adds the pooled text embedding (32) and six size ids (8 each) to its time embedding
     sdxl_unet = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
                      projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
+    default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng():  # random weights from `seed`, without touching the global RNG
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64 if sdxl else 32,
-            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **(sdxl_unet if sdxl else {}),
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64), latent_channels=4, sample_size=32,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        )
-        text_encoder = CLIPTextModel(text_config)
-        text_encoder_2 = CLIPTextModelWithProjection(text_config) if sdxl else None
+        torch.set_default_dtype(dtype)
+        try:
+            unet = UNet2DConditionModel(
+                sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64 if sdxl else 32,
+                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **(sdxl_unet if sdxl else {}),
+            )
+            vae = AutoencoderKL(
+                block_out_channels=(32, 64), latent_channels=4, sample_size=32,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            )
+            text_encoder = CLIPTextModel(text_config)
+            text_encoder_2 = CLIPTextModelWithProjection(text_config) if sdxl else None
+        finally:
+            torch.set_default_dtype(default_dtype)
     if sdxl:
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
@@ -329,7 +428,7 @@ def pretrain(out, seed=0, steps=3200, batch_size=64, lr=1e-3, empty_fraction=0.1
              offset_above=800):
     """Train the shapes model's UNet and text encoder jointly with the DDPM loss (epsilon prediction)
     on freshly drawn captioned shapes, a fraction of them with the empty caption so that CFG works,
-    and save the EMA weights as a diffusers directory in fp16."""
+    and save the EMA weights as a diffusers directory (fp32: loaded plainly, every component is fp32 on a CPU)."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -375,7 +474,7 @@ def pretrain(out, seed=0, steps=3200, batch_size=64, lr=1e-3, empty_fraction=0.1
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-    pipe.to(torch.float16).save_pretrained(out)
+    pipe.save_pretrained(out)
     print(f"wrote {out}")
 
 
@@ -398,215 +497,24 @@ def quality(pipe, guidance_scale, n=96, seed=0, steps=20):
                 all=right.all(1).mean()), images
 
 
-# ----------------------------------------------------------------------------------------------
-# The paper's headline on a CPU: DiffExp against its baseline in the shapes world, several seeds.
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-# Per method: the reward (DDPO's a non-differentiable one, AlignProp's a differentiable one) and the runs' size,
-# ours, chosen so that both arms over 3 seeds fit about 45 minutes on 2 cores with one thread per run.
-REPLICATE = {
-    "ddpo": ["--reward", "jpeg", "--epochs", "16", "--steps", "10", "--batch-size", "32", "--train-batch-size", "32",
-             "--eval-every", "2"],
-    "alignprop": ["--reward", "colour", "--epochs", "16", "--batch-size", "32", "--train-batch-size", "16",
-                  "--eval-every", "2"],
-}
-# DiffExp with one part: alpha = 1, or no t > 999
-ABLATIONS = {"eq7": ["--alpha-max", "1"], "eq8": ["--t-thres", "999"]}
-LEVELS = (0.5, 0.75, 0.9)  # fractions of the baseline's final gain
-DIVERSITY_PROMPTS = 6  # the plain "a COLOUR SHAPE" prompts of [unseen_shapes]; 16 samples each
-SAMPLE_SCRIPT = """
-import json, sys, torch, diffexp
-out, prompts = sys.argv[1], json.loads(sys.argv[2])
-args = diffexp.parse_args(["--model", "shapes", *sys.argv[3:], "--out", out + ".unused"])
-pipe = diffexp.load_pipeline("shapes", args.lora_rank, "cpu", torch.float32)
-pipe.scheduler.set_timesteps(args.steps)
-images = {}
-for explore in (False, True):  # 16 samples per prompt, the same noise for both samplers
-    with torch.no_grad():
-        images[explore] = torch.stack([diffexp.sample_batch(pipe, [p] * 16, torch.Generator().manual_seed(k),
-                                                            explore=explore, **diffexp.sampling(args))["images"]
-                                       for k, p in enumerate(prompts)])
-torch.save(images, out)
-"""
-
-
-def run_in_parallel(commands, parallel, env):
-    """Run {name: argv} as subprocesses, `parallel` at a time, printing each run's epochs as its log grows."""
-    pending, running, shown = list(commands.items()), {}, {}
-    try:
-        while pending or running:
-            while pending and len(running) < parallel:
-                name, (argv, run_dir) = pending.pop(0)
-                shutil.rmtree(run_dir, ignore_errors=True)  # a previous replicate's run: its log must not be reported
-                os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-                with open(run_dir + ".out", "w") as out:
-                    running[name] = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                                     env={**os.environ, **env}), run_dir
-            time.sleep(2)
-            for name, (proc, run_dir) in list(running.items()):
-                rows = read_log(run_dir)
-                for row in rows[shown.get(name, 0):]:
-                    rewards = ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                        if k == "reward_mean" or k.startswith("eval_unseen"))
-                    print(f"[{name}] epoch {row['epoch']}: {rewards}", flush=True)
-                shown[name] = len(rows)
-                if proc.poll() is not None:
-                    if proc.returncode:
-                        raise RuntimeError(f"run {name} failed; its output is in {run_dir}.out")
-                    del running[name]
-    finally:  # one run failed, or Ctrl-C: stop the others
-        for proc, _ in running.values():
-            proc.terminate()
-
-
-def read_log(run_dir):
-    """A run's log.jsonl rows so far (a line still being written is left for later)."""
-    try:
-        with open(os.path.join(run_dir, "log.jsonl")) as f:
-            return [json.loads(line) for line in f if line.endswith("}\n")]
-    except OSError:
-        return []
-
-
-def first_reach(queries, values, level):
-    """The reward queries at which a curve first reaches `level`, or None."""
-    return next((q for q, v in zip(queries, values) if v >= level), None)
-
-
-def replicate(method, seeds, out, ablation=None, parallel=2, extra=()):
-    """DiffExp and its baseline (--no-explore) with identical settings and seeds on --model shapes, run in parallel
-    processes of one thread each; then the curves (mean +- std over seeds) against reward queries, the queries each
-    arm needs to reach 50/75/90% of the baseline's final gain, and the diversity of the two samplers. Writes
-    results.json, curves.png and diversity.png into `out`; returns the results."""
-    if seeds < 1 or parallel < 1:
-        raise ValueError("replicate needs at least 1 seed and 1 run at a time.")
-    settings = ["--method", method, *REPLICATE[method], *extra]
-    reward = settings[len(settings) - settings[::-1].index("--reward")]  # the last --reward given, as argparse takes it
-    diffexp_args = ABLATIONS.get(ablation, [])
-    commands = {}
-    for seed in range(seeds):
-        for arm in ("diffexp", "baseline"):
-            run_dir = os.path.join(out, "runs", f"{arm}-s{seed}")
-            argv = [os.path.join(HERE, "diffexp.py"), "--model", "shapes", "--seed", str(seed), *settings,
-                    "--out", run_dir, *(diffexp_args if arm == "diffexp" else ["--no-explore"])]
-            commands[f"{arm} s{seed}"] = (argv, run_dir)
-    run_in_parallel(commands, parallel, env=dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    # 1. The curves: the training samples' reward (the paper's Fig. 4) and the evaluation reward on unseen prompts.
-    results = dict(method=method, reward=reward, seeds=seeds, ablation=ablation, settings=settings + diffexp_args,
-                   curves={}, table={})
-    for arm in ("diffexp", "baseline"):
-        logs = [read_log(os.path.join(out, "runs", f"{arm}-s{seed}")) for seed in range(seeds)]
-        for metric in ("reward_mean", f"eval_unseen_{reward}"):
-            queries = [r["reward_queries"] for r in logs[0] if metric in r]
-            values = np.array([[r[metric] for r in log if metric in r] for log in logs])  # [seeds, points]
-            results["curves"][f"{arm}/{metric}"] = dict(queries=queries, per_seed=values.tolist(),
-                                                        mean=values.mean(0).tolist(), std=values.std(0).tolist())
-    # 2. The table: for levels at 50/75/90% of the baseline's final gain (mean curve), the queries each arm first
-    # reaches them, averaged over the seeds that do (a seed that never does is counted in "reached").
-    for metric in ("reward_mean", f"eval_unseen_{reward}"):
-        base = results["curves"][f"baseline/{metric}"]
-        start, end = base["mean"][0], base["mean"][-1]
-        rows = []
-        for fraction in LEVELS:
-            level, row = start + fraction * (end - start), {}
-            for arm in ("diffexp", "baseline"):
-                curve = results["curves"][f"{arm}/{metric}"]
-                reached = [first_reach(curve["queries"], seed_values, level) for seed_values in curve["per_seed"]]
-                hits = [q for q in reached if q is not None]
-                row[arm] = dict(queries=float(np.mean(hits)) if hits else None, reached=f"{len(hits)}/{seeds}")
-            ratio = (row["diffexp"]["queries"] / row["baseline"]["queries"]
-                     if row["diffexp"]["queries"] and row["baseline"]["queries"] else None)
-            rows.append(dict(fraction=fraction, level=level, **row, ratio=ratio))
-        results["table"][metric] = rows
-    # 3. Diversity of the two samplers from the same starting model: 16 samples per unseen prompt, plain and DiffExp.
-    with open(os.path.join(HERE, "prompts.txt")) as f:
-        unseen = [line.strip() for line in f.read().split("[unseen_shapes]")[1].split("[")[0].splitlines()
-                  if line.strip() and not line.startswith("#")][:DIVERSITY_PROMPTS]
-    samples = os.path.abspath(os.path.join(out, "diversity_samples.pt"))
-    subprocess.run([sys.executable, "-c", SAMPLE_SCRIPT, samples, json.dumps(unseen), *settings, *diffexp_args],
-                   check=True, cwd=HERE)
-    images = torch.load(samples)  # {explore: [prompts, 16, 3, 32, 32]}
-    results["diversity"] = {}
-    for explore, name in ((False, "plain"), (True, "diffexp")):
-        readings = [[tuple(r.values()) for r in judge(per_prompt)] for per_prompt in images[explore]]
-        distances = [torch.pdist(per_prompt.flatten(1)).mean().item()
-                     for per_prompt in images[explore]]  # mean pairwise L2
-        results["diversity"][name] = dict(distinct_readings=float(np.mean([len(set(r)) for r in readings])),
-                                          pairwise_distance=float(np.mean(distances)))
-    plot_results(results, images, unseen, out)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    return results
-
-
-def plot_results(results, images, prompts, out):
-    """curves.png: reward against reward queries, mean +- std over seeds, both arms (the paper's Fig. 4); and
-    diversity.png: 8 plain and 8 DiffExp samples per prompt from the same starting model (its Fig. 2/5)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("replicate draws its figures with matplotlib: pip install matplotlib") from None
-    reward = results["reward"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric, title in zip(axes, ("reward_mean", f"eval_unseen_{reward}"),
-                                 ("training samples", "evaluation, unseen prompts")):
-        for arm, colour in (("diffexp", "tab:blue"), ("baseline", "tab:gray")):
-            curve = results["curves"][f"{arm}/{metric}"]
-            mean, std = np.array(curve["mean"]), np.array(curve["std"])
-            label = f"{results['method']} + DiffExp" if arm == "diffexp" else results["method"]
-            ax.plot(curve["queries"], mean, color=colour, label=label)
-            ax.fill_between(curve["queries"], mean - std, mean + std, color=colour, alpha=0.2)
-        ax.set(title=title, xlabel="reward queries", ylabel=f"mean {reward}")
-    axes[0].legend()
-    fig.suptitle(f"{results['method']}, {reward} reward, shapes world, {results['seeds']} seeds (mean +- std)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=80)
-    rows = [torch.cat([images[False][k, :8], images[True][k, :8]])
-            for k in range(len(prompts))]  # [16, 3, 32, 32] per prompt
-    fig, axes = plt.subplots(len(prompts), 1, figsize=(8, 0.62 * len(prompts) + 0.4))
-    for ax, row, prompt in zip(axes, rows, prompts):
-        ax.imshow(torch.cat(list(row), dim=2).permute(1, 2, 0).numpy())  # 16 x [3, 32, 32] -> [32, 512, 3]
-        ax.set_axis_off()
-        ax.set_title(f"{prompt}: 8 plain | 8 DiffExp", fontsize=7, pad=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "diversity.png"), dpi=80)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The shapes world: pretrain the shapes model.")
+    parser = argparse.ArgumentParser(description="The shapes world: pretrain the shapes model, train its fidelity scorer.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pretrain",
-                            help="train the shapes model from scratch and save it (about 15 minutes on 2 CPU cores)")
+                            help="train the shapes model from scratch and save it (about 17 minutes on 2 CPU cores)")
     p.add_argument("--out", default="shapes_model", help="output directory (diffusers layout)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the data, the initial weights and the noise")
     p.add_argument("--steps", type=int, default=3200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay after 200 warm-up steps)")
-    r = commands.add_parser("replicate", help="DiffExp against its baseline on the shapes model, several seeds; any "
-                            "other flag goes to diffexp.py for both arms (e.g. --epochs 30 --t-thres 800)")
-    r.add_argument("--method", choices=REPLICATE, required=True, help="ddpo (jpeg reward) or alignprop (colour reward)")
-    r.add_argument("--seeds", type=int, default=3, help="seeds per arm")
-    r.add_argument("--out", help="output directory (default: runs/replicate-METHOD)")
-    r.add_argument("--ablation", choices=ABLATIONS,
-                   help="DiffExp with Eq. 7 only (alpha = 1) or Eq. 8 only (w_low = w_high)")
-    r.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
-    args, extra = parser.parse_known_args(argv)
+    f = commands.add_parser("fidelity", help="train the fidelity reward's scorer and save it (minutes on 2 CPU cores)")
+    f.add_argument("--out", default=FIDELITY_WEIGHTS, help="output file (safetensors)")
+    f.add_argument("--seed", type=int, default=0, help="random seed: the data, the initial weights, the augmentations")
+    args = parser.parse_args(argv)
     if args.command == "pretrain":
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         pretrain(args.out, args.seed, args.steps, args.batch_size, args.lr)
     else:
-        out = args.out or os.path.join("runs",
-                                       f"replicate-{args.method}" + (f"-{args.ablation}" if args.ablation else ""))
-        results = replicate(args.method, args.seeds, out, args.ablation, args.parallel, extra)
-        for metric, rows in results["table"].items():
-            print(f"{metric}: " + "; ".join(f"{r['fraction']:.0%} of the gain: DiffExp {r['diffexp']['queries']}, "
-                                            f"baseline {r['baseline']['queries']} queries (ratio {r['ratio']})"
-                                            for r in rows))
-        print(f"diversity {results['diversity']}; figures and results.json in {out}")
+        train_fidelity(args.out, args.seed)
 
 
 if __name__ == "__main__":
