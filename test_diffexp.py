@@ -1643,3 +1643,49 @@ def measure_memory(Ks=(1, 10, 50), resolution=512, small=256):
         batch = diffexp.sample_batch(pipe, ["a photo of a cat"], torch.Generator().manual_seed(0), w_high=5.0, eta=1.0)
     step = lambda: diffexp.ddpo_log_prob(pipe, batch, torch.tensor([0]), torch.tensor([1]), 1.0)
     print(f"DDPO, 1 image at {resolution} px, one training step (CFG: 2 UNet passes): {saved(step) / mb:.0f} MB saved for backward")
+
+
+def measure_gpu_memory():
+    """The README's GPU figures: SD 1.5's architecture (random weights) at 512 px, 50 DDIM steps, one epoch of one
+    micro-batch at the defaults (bf16 frozen weights, fp32 LoRA; and once --dtype fp16) through diffexp.main, with the
+    aesthetic reward's architecture in a local Hugging Face cache; prints each run's peak CUDA memory and time. On a
+    CUDA machine: python -c "import test_diffexp as t; t.measure_gpu_memory()" (about 3 minutes on an H200)."""
+    import tempfile
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    work = tempfile.mkdtemp()
+    build_sd15(os.path.join(work, "sd15"), sample_size=64)
+    for repo, name in ((rewards.AESTHETIC_HEAD_REPO, rewards.AESTHETIC_HEAD_FILE), ("timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors")):
+        folder = os.path.join(work, "hub", f"models--{repo.replace('/', '--')}")
+        os.makedirs(os.path.join(folder, "refs"))
+        os.makedirs(os.path.join(folder, "snapshots", "0" * 40))
+        with open(os.path.join(folder, "refs", "main"), "w") as f:
+            f.write("0" * 40)
+        path = os.path.join(folder, "snapshots", "0" * 40, name)
+        if name == rewards.AESTHETIC_HEAD_FILE:
+            torch.save(rewards._aesthetic_mlp(768).state_dict(), path)
+        else:
+            vit_l = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)
+            save_file({k: v.half().contiguous() for k, v in vit_l.state_dict().items()}, path)
+    # huggingface_hub reads HF_HUB_CACHE when it is imported: the runs go in a fresh process
+    subprocess.run([sys.executable, "-c", f"import test_diffexp as t; t.gpu_peaks({work!r})"], cwd=HERE, check=True,
+                   env={**os.environ, "HF_HUB_CACHE": os.path.join(work, "hub"), "HF_HUB_OFFLINE": "1"})
+
+
+def gpu_peaks(work):
+    """measure_gpu_memory's runs, in a process that sees the local cache."""
+    import time
+
+    configs = {"alignprop bf16 K=1": ["--method", "alignprop", "--backprop-steps", "1"],
+               "alignprop bf16 K=10": ["--method", "alignprop", "--backprop-steps", "10"],
+               "alignprop bf16 K=50": ["--method", "alignprop", "--backprop-steps", "50"],
+               "alignprop fp16 K=10": ["--method", "alignprop", "--backprop-steps", "10", "--dtype", "fp16"],
+               "ddpo bf16": ["--method", "ddpo"]}
+    for name, argv in configs.items():
+        torch.cuda.reset_peak_memory_stats()
+        start, n = time.time(), "2" if "alignprop" in name else "4"  # one micro-batch of the method's default size
+        diffexp.main(["--model", os.path.join(work, "sd15"), "--reward", "aesthetic", "--epochs", "1", "--eval-every", "0", "--save-every", "0",
+                      "--batch-size", n, "--train-batch-size", n, *argv, "--out", os.path.join(work, name.replace(" ", "_").replace("=", ""))])
+        print(f"{name}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, {time.time() - start:.0f} s", flush=True)
