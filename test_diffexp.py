@@ -710,8 +710,8 @@ def test_defaults_come_from_the_small_model_then_the_method_then_the_common_tabl
         return diffexp.parse_args([*argv, *UNUSED_OUT])
 
     shapes_ddpo, shapes_alignprop, sd_alignprop = args("--model", "shapes", "--method", "ddpo"), args("--model", "shapes"), args()
-    assert (shapes_ddpo.eval_every, shapes_ddpo.epochs, shapes_ddpo.lr, shapes_ddpo.w_high, shapes_ddpo.samples_per_prompt) == (2, 12, 1e-3, 5.0, 16)
-    assert (shapes_alignprop.epochs, shapes_alignprop.lr, shapes_alignprop.w_high, shapes_alignprop.samples_per_prompt) == (8, 3e-3, 7.5, 1)
+    assert (shapes_ddpo.eval_every, shapes_ddpo.epochs, shapes_ddpo.lr, shapes_ddpo.w_high, shapes_ddpo.samples_per_prompt) == (2, 12, 3e-4, 5.0, 16)
+    assert (shapes_alignprop.epochs, shapes_alignprop.lr, shapes_alignprop.w_high, shapes_alignprop.samples_per_prompt) == (8, 1e-3, 7.5, 1)
     assert shapes_ddpo.reward == shapes_alignprop.reward == "fidelity" and sd_alignprop.reward == "aesthetic"  # per (model, method)
     assert (sd_alignprop.eval_every, sd_alignprop.epochs, sd_alignprop.lr, sd_alignprop.w_high) == (10, 200, 1e-3, 7.5)
     assert args("--model", "shapes", "--eval-every", "3").eval_every == 3  # a flag given wins
