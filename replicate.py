@@ -35,7 +35,7 @@ SETTINGS = {
     "ddpo": ["--epochs", "16", "--eval-every", "2"],
     "alignprop": ["--epochs", "16", "--eval-every", "2"],
 }
-ABLATIONS = {"eq7": ["--alpha-max", "1"], "eq8": ["--t-thres", "999"]}  # DiffExp with one part: alpha = 1, or no t > 999
+ABLATIONS = {"eq7": ["--alpha-max", "1"], "eq8": ["--t-thres", "999"]}  # DiffExp in part: alpha = 1, or no t > 999
 LEVELS = (0.5, 0.75, 0.9)  # fractions of the baseline's final gain
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student's t
 DIVERSITY_PROMPTS = 6  # the plain "a COLOUR SHAPE" prompts of [unseen_shapes]; 16 samples each
@@ -100,7 +100,8 @@ def summarise(logs, method, reward, settings):
     50/75/90% of the baseline's final gain (mean curve), the queries each arm first reaches it, averaged over the seeds
     that do; final values; and the per-seed paired differences, DiffExp minus baseline, with 95% intervals."""
     seeds = len(logs["baseline"])
-    metrics = ["reward_mean", f"eval_unseen_{reward}"] + (["eval_unseen_shapes_judge"] if reward != "shapes_judge" else [])
+    judge = ["eval_unseen_shapes_judge"] if reward != "shapes_judge" else []
+    metrics = ["reward_mean", f"eval_unseen_{reward}", *judge]
     results = dict(method=method, reward=reward, seeds=seeds, settings=settings, arms=list(logs), curves={}, table={},
                    final={}, paired={})
     for arm, arm_logs in logs.items():
@@ -129,7 +130,8 @@ def summarise(logs, method, reward, settings):
         results["table"][metric] = rows
     evaluation = f"eval_unseen_{reward}"
     for metric in metrics[1:]:
-        per_seed = [np.array(results["curves"][f"{arm}/{metric}"]["per_seed"])[:, -1] for arm in ("diffexp", "baseline")]
+        per_seed = [np.array(results["curves"][f"{arm}/{metric}"]["per_seed"])[:, -1]
+                    for arm in ("diffexp", "baseline")]
         results["paired"][f"final {metric}"] = paired((per_seed[0] - per_seed[1]).tolist())
     results["paired"][f"queries to 75% {evaluation}"] = paired(
         [a - b if a is not None and b is not None else None
@@ -238,11 +240,20 @@ def markdown(results):
         ci = f" [{p['low']:+.3g}, {p['high']:+.3g}]" if p["low"] is not None else ""
         return f"{p['mean']:+.3g}{ci} ({p['n']} seeds)"
 
+    def gain(metric):  # the baseline's mean gain, start to end: the levels are fractions of it
+        mean = results["curves"][f"baseline/{metric}"]["mean"]
+        return mean[-1] - mean[0]
+
     reward, lines = results["reward"], []
-    lines += ["| curve | 50% of the gain | 75% | 90% |", "|---|---|---|---|"]
-    for metric, name in (("reward_mean", "training samples"), (f"eval_unseen_{reward}", "evaluation, unseen prompts")):
+    evaluation = f"eval_unseen_{reward}"
+    lines += ["| reward queries to reach a fraction of the baseline's gain, DiffExp vs baseline (ratio) "
+              "| 50% | 75% | 90% |",
+              "|---|---|---|---|"]
+    for metric, name in (("reward_mean", "training samples"), (evaluation, "evaluation, unseen prompts")):
         cells = [f"{queries(r['diffexp'])} vs {queries(r['baseline'])}" + (f" ({r['ratio']:.2f})" if r["ratio"] else "")
                  for r in results["table"][metric]]
+        if gain(metric) <= 0:  # no gain: every level lies below the start, and "reaching" it means nothing
+            cells = [f"none: the baseline's mean fell by {-gain(metric):.3f}", "", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| final value (mean +- std over seeds) | DiffExp | baseline |", "|---|---|---|"]
     for key in results["final"]:
@@ -253,7 +264,8 @@ def markdown(results):
             lines.append(f"| {metric} (from {start:.3f}) | {d['mean']:.3f} +- {d['std']:.3f} | "
                          f"{b['mean']:.3f} +- {b['std']:.3f} |")
     lines += ["", "| paired difference, DiffExp - baseline (same seed) | mean [95% t interval] |", "|---|---|"]
-    lines += [f"| {name} | {interval(p)} |" for name, p in results["paired"].items()]
+    lines += [f"| {name} | {interval(p) if 'queries' not in name or gain(evaluation) > 0 else 'none: no gain'} |"
+              for name, p in results["paired"].items()]
     lines += ["", "| sampler (starting model) | distinct judge readings per prompt | mean pairwise distance |",
               "|---|---|---|"]
     lines += [f"| {name} | {v['distinct_readings']:.2f} | {v['pairwise_distance']:.2f} |"
@@ -274,9 +286,11 @@ def plot_runs(run_dirs, out_path):
     reward, *others = sorted({config["reward"] for config, _ in runs.values()})
     if others:
         raise ValueError(f"--plot: the runs use different rewards ({', '.join([reward, *others])}); plot them apart.")
-    panels = {"reward_mean": ("training samples", reward), f"eval_unseen_{reward}": ("unseen prompts, fixed noise", reward),
+    panels = {"reward_mean": ("training samples", reward),
+              f"eval_unseen_{reward}": ("unseen prompts, fixed noise", reward),
               "eval_unseen_shapes_judge": ("unseen prompts: the judge, never trained on", "shapes_judge")}
-    panels = {k: v for k, v in panels.items() if k == "reward_mean" or any(k in r for _, rows in runs.values() for r in rows)}
+    logged = {k for _, rows in runs.values() for r in rows for k in r}
+    panels = {k: v for k, v in panels.items() if k == "reward_mean" or k in logged}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for run_dir, (config, rows) in runs.items():
         arm = "" if config["no_explore"] else " + DiffExp"
@@ -308,8 +322,8 @@ def main(argv=None):
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="draw the reward curves of these run "
                         "directories of diffexp.py (any model) into --plot-out, against reward queries, and exit")
     parser.add_argument("--plot-out", default="reward_curves.png", help="where --plot writes its figure")
-    parser.add_argument("--redraw", metavar="NAME.json", help="redraw a results file's figures beside it (NAME_curves.png, "
-                        "NAME_diversity.png: its samples are drawn again) and print its README tables")
+    parser.add_argument("--redraw", metavar="NAME.json", help="redraw a results file's figures beside it "
+                        "(NAME_curves.png, NAME_diversity.png: its samples drawn again) and print its README tables")
     args, extra = parser.parse_known_args(argv)
     if args.plot:
         try:

@@ -376,5 +376,5 @@ def _shapes_judge(device, dtype, tiny):
 
 
 _LOADERS = {"aesthetic": _aesthetic, "pickscore": _pickscore, "hps": _hps, "jpeg": _jpeg,
-            "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward, "fidelity": _fidelity, "colour": _colour,
-            "shapes_judge": _shapes_judge}
+            "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward, "fidelity": _fidelity,
+            "colour": _colour, "shapes_judge": _shapes_judge}

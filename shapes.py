@@ -204,7 +204,8 @@ class FidelityNet(torch.nn.Module):
         super().__init__()
         w, layers = width, []
         for c_in, c_out, stride in ((3, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)):
-            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, padding=1), torch.nn.GroupNorm(8, c_out), torch.nn.SiLU()]
+            conv = torch.nn.Conv2d(c_in, c_out, 3, stride, padding=1)
+            layers += [conv, torch.nn.GroupNorm(8, c_out), torch.nn.SiLU()]
         self.features = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # [B, 4w]
         self.heads = torch.nn.Linear(4 * w, sum(map(len, ATTRIBUTES.values())))
 
@@ -221,9 +222,9 @@ def fidelity(net, images, prompts):
     wanted = [parse_caption(p) for p in prompts]
     log_p, rows = net(images), torch.arange(len(prompts), device=images.device)
     total = torch.zeros(len(prompts), device=images.device)
-    for name, values in ATTRIBUTES.items():
-        named = torch.tensor([w[name] is not None for w in wanted], device=images.device)  # only background can be unsaid
-        index = torch.tensor([values.index(w[name]) if w[name] is not None else 0 for w in wanted], device=images.device)
+    for name, values in ATTRIBUTES.items():  # only the background can be unsaid: it then adds nothing
+        named = torch.tensor([w[name] is not None for w in wanted], device=images.device)  # [B]
+        index = torch.tensor([values.index(w[name] or values[0]) for w in wanted], device=images.device)  # [B]
         total = total + named * log_p[name][rows, index]
     return total.exp()
 
@@ -498,7 +499,7 @@ def quality(pipe, guidance_scale, n=96, seed=0, steps=20):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The shapes world: pretrain the shapes model, train its fidelity scorer.")
+    parser = argparse.ArgumentParser(description="The shapes world: pretrain its model, train its fidelity scorer.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pretrain",
                             help="train the shapes model from scratch and save it (about 17 minutes on 2 CPU cores)")
