@@ -127,8 +127,28 @@ def build_parser():
     return parser
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # --help and malformed flags, answered before torch loads (a second or more)
+def try_writing(run_dir):
+    """Do what a run will do, make run_dir and write a file in it, then undo both (os.access can be fooled, e.g. as
+    root under /proc). Returns None, or why it failed."""
+    path, missing = os.path.abspath(run_dir), []
+    while not os.path.exists(path):
+        missing.append(path)  # deepest first
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        open(os.path.join(run_dir, f".write-test-{os.getpid()}"), "w").close()
+        os.remove(os.path.join(run_dir, f".write-test-{os.getpid()}"))
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        for path in filter(os.path.isdir, missing):
+            os.rmdir(path)
+
+
+if __name__ == "__main__":  # --help, malformed flags and an unwritable --out, answered before torch loads (a second)
+    early = (parser := build_parser()).parse_args()
+    if early.out and int(os.environ.get("RANK", 0)) == 0 and (error := try_writing(early.out)):
+        parser.exit(2, f"error: cannot write the run directory {early.out} ({error}); choose another --out.\n")
 
 import numpy as np
 import torch
@@ -602,9 +622,8 @@ def load_checkpoint(run_dir, unet=None):
 def parse_args(argv=None):
     """Args from the command line, unset settings from the defaults' tables (with --resume or --generate, the
     run's own). All that can be checked before loading anything is: bad input stops with one line."""
-    def fail(message):  # one line, without argparse's usage block, from one process
-        parser.exit(2, f"error: {message}\n" if int(os.environ.get("RANK", 0)) == 0 else "")
-
+    def fail(message):  # one line from rank 0; other ranks exit 0, or torchrun might kill rank 0 before it prints
+        parser.exit(*((2, f"error: {message}\n") if int(os.environ.get("RANK", 0)) == 0 else (0, "")))
     parser = build_parser()
     parser.error = fail
     namespace = parser.parse_args(argv)
@@ -673,25 +692,6 @@ def parse_args(argv=None):
         if int(os.environ.get("RANK", 0)) == 0 and (error := try_writing(args.out)):  # the one process that writes
             fail(f"cannot write the run directory {args.out} ({error}); choose another --out.")
     return args
-
-
-def try_writing(run_dir):
-    """Do what a run will do, make run_dir and write a file in it, then undo both (os.access can be fooled, e.g. as
-    root under /proc). Returns None, or why it failed."""
-    path, missing = os.path.abspath(run_dir), []
-    while not os.path.exists(path):
-        missing.append(path)  # deepest first
-        path = os.path.dirname(path)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        open(os.path.join(run_dir, f".write-test-{os.getpid()}"), "w").close()
-        os.remove(os.path.join(run_dir, f".write-test-{os.getpid()}"))
-    except OSError as e:
-        return e.strerror or str(e)
-    finally:
-        for path in missing:
-            if os.path.isdir(path):
-                os.rmdir(path)
 
 
 def on_rank0(write, *args):
