@@ -240,9 +240,13 @@ def markdown(results):
         ci = f" [{p['low']:+.3g}, {p['high']:+.3g}]" if p["low"] is not None else ""
         return f"{p['mean']:+.3g}{ci} ({p['n']} seeds)"
 
-    def gain(metric):  # the baseline's mean gain, start to end: the levels are fractions of it
+    def gain(metric):  # the baseline's mean gain, start to end (the levels are fractions of it), and its noise
         mean = results["curves"][f"baseline/{metric}"]["mean"]
-        return mean[-1] - mean[0]
+        return mean[-1] - mean[0], results["final"][f"baseline/{metric}"]["std"]
+
+    def no_gain(metric):  # a gain within the seeds' spread: "reaching" a fraction of it measures noise
+        g, std = gain(metric)
+        return f"no gain: the baseline's mean moved by {g:+.3f} (seeds' std at the end {std:.3f})" if g <= std else None
 
     reward, lines = results["reward"], []
     evaluation = f"eval_unseen_{reward}"
@@ -252,8 +256,8 @@ def markdown(results):
     for metric, name in (("reward_mean", "training samples"), (evaluation, "evaluation, unseen prompts")):
         cells = [f"{queries(r['diffexp'])} vs {queries(r['baseline'])}" + (f" ({r['ratio']:.2f})" if r["ratio"] else "")
                  for r in results["table"][metric]]
-        if gain(metric) <= 0:  # no gain: every level lies below the start, and "reaching" it means nothing
-            cells = [f"none: the baseline's mean fell by {-gain(metric):.3f}", "", ""]
+        if no_gain(metric):
+            cells = [no_gain(metric), "", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| final value (mean +- std over seeds) | DiffExp | baseline |", "|---|---|---|"]
     for key in results["final"]:
@@ -264,7 +268,7 @@ def markdown(results):
             lines.append(f"| {metric} (from {start:.3f}) | {d['mean']:.3f} +- {d['std']:.3f} | "
                          f"{b['mean']:.3f} +- {b['std']:.3f} |")
     lines += ["", "| paired difference, DiffExp - baseline (same seed) | mean [95% t interval] |", "|---|---|"]
-    lines += [f"| {name} | {interval(p) if 'queries' not in name or gain(evaluation) > 0 else 'none: no gain'} |"
+    lines += [f"| {name} | {'no gain to reach' if 'queries' in name and no_gain(evaluation) else interval(p)} |"
               for name, p in results["paired"].items()]
     lines += ["", "| sampler (starting model) | distinct judge readings per prompt | mean pairwise distance |",
               "|---|---|---|"]
