@@ -98,7 +98,8 @@ def summarise(logs, method, reward, settings):
     """results.json's content from the runs' logs {arm: [rows of seed 0, rows of seed 1, ...]}: the curves (training
     reward, and the evaluation on unseen prompts of the reward and of the judge) per seed with their mean and std; for
     50/75/90% of the baseline's final gain (mean curve), the queries each arm first reaches it, averaged over the seeds
-    that do; final values; and the per-seed paired differences, DiffExp minus baseline, with 95% intervals."""
+    that do (counted whatever the gain: markdown() says "no gain" where it is within the seeds' spread); final values;
+    and the per-seed paired differences, DiffExp minus baseline, with 95% intervals."""
     seeds = len(logs["baseline"])
     judge = ["eval_unseen_shapes_judge"] if reward != "shapes_judge" else []
     metrics = ["reward_mean", f"eval_unseen_{reward}", *judge]
