@@ -136,7 +136,8 @@ def _fetch(reward, what, load):
     try:
         return load()
     except Exception as e:  # no network, offline mode, a moved repository: the libraries' own messages are long
-        hint = f", or set DIFFEXP_AESTHETIC_HEAD to a local copy of {AESTHETIC_HEAD_FILE}" if reward == "aesthetic" else ""
+        hint = (f", or set DIFFEXP_AESTHETIC_HEAD to a local copy of {AESTHETIC_HEAD_FILE}"
+                if reward == "aesthetic" else "")
         raise RuntimeError(f"reward {reward}: cannot download {what} ({type(e).__name__}); check the network and "
                            f"HF_HUB_OFFLINE{hint}, or run offline with --model shapes and --reward colour") from None
 
@@ -203,8 +204,8 @@ def _aesthetic(device, dtype, tiny):
     else:
         head = aesthetic_head(_aesthetic_head_file())  # first, so a wrong file fails before the CLIP download
         if head.layers[0].in_features != AESTHETIC_HEAD_INPUTS:
-            raise ValueError(f"the aesthetic head takes {head.layers[0].in_features} inputs, not the {AESTHETIC_HEAD_INPUTS} "
-                             f"of CLIP ViT-L/14; use {AESTHETIC_HEAD_FILE}")
+            raise ValueError(f"the aesthetic head takes {head.layers[0].in_features} inputs, "
+                             f"not the {AESTHETIC_HEAD_INPUTS} of CLIP ViT-L/14; use {AESTHETIC_HEAD_FILE}")
         # OpenAI's CLIP was trained with QuickGELU; open_clip 3 builds nn.GELU unless told otherwise.
         clip = _fetch("aesthetic", "OpenAI's CLIP ViT-L/14", lambda: open_clip.create_model(
             "ViT-L-14", pretrained="openai", force_quick_gelu=True))
@@ -237,7 +238,8 @@ def _pickscore(device, dtype, tiny):
         # Padding ids differ, but the text tower pools at the first EOS under a causal mask.
         tokenize = open_clip.get_tokenizer("ViT-H-14")
     else:
-        model = _fetch("pickscore", "yuvalkirstain/PickScore_v1", lambda: CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1"))
+        model = _fetch("pickscore", "yuvalkirstain/PickScore_v1",
+                       lambda: CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1"))
         tokenizer = _fetch("pickscore", "the laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer",
                            lambda: AutoTokenizer.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K"))
 
@@ -265,7 +267,8 @@ def _hps(device, dtype, tiny):
     else:
         from huggingface_hub import hf_hub_download
         model = open_clip.create_model("ViT-H-14", pretrained=None)
-        path = _fetch("hps", "HPS_v2.1_compressed.pt from xswu/HPSv2", lambda: hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt"))
+        path = _fetch("hps", "HPS_v2.1_compressed.pt from xswu/HPSv2",
+                      lambda: hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt"))
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])
     model = _frozen(model, device, dtype)
@@ -367,7 +370,8 @@ def _shapes_judge(device, dtype, tiny):
         _check_inputs(images, prompts)
         scores = []
         for prompt, reading in zip(prompts, shapes.judge(images)):
-            wanted = {k: v for k, v in shapes.parse_caption(prompt).items() if v is not None}  # background only if named
+            # background only if named
+            wanted = {k: v for k, v in shapes.parse_caption(prompt).items() if v is not None}
             scores.append(sum(reading[k] == v for k, v in wanted.items()) / len(wanted))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
