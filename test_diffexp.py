@@ -46,7 +46,8 @@ def sampling(**kw):
 def count_unet_batches(unet):
     """Records the batch size of every UNet forward; returns the list and the hook handle."""
     sizes = []
-    handle = unet.register_forward_pre_hook(lambda module, a, kw: sizes.append((a[0] if a else kw["sample"]).shape[0]), with_kwargs=True)
+    handle = unet.register_forward_pre_hook(lambda module, a, kw: sizes.append((a[0] if a else kw["sample"]).shape[0]),
+                                            with_kwargs=True)
     return sizes, handle
 
 
@@ -121,12 +122,14 @@ def test_draw_prompt_weights_picks_only_real_tokens(pipe):
 def test_ddim_step_matches_diffusers(eta):
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
     sched.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
     x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     for t in [981, 501, 21, 1]:  # t = 1 goes to the final alpha
-        ours, log_prob = diffexp.ddim_step_with_logprob(sched, eps, t, x_t, eta, generator=torch.Generator().manual_seed(5))
+        ours, log_prob = diffexp.ddim_step_with_logprob(sched, eps, t, x_t, eta,
+                                                        generator=torch.Generator().manual_seed(5))
         z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(5))
         ref = sched.step(eps, t, x_t, eta=eta, variance_noise=z).prev_sample
         assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
@@ -146,14 +149,16 @@ def test_ddim_step_matches_diffusers(eta):
 def test_ddim_step_per_sample_timesteps():
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
     sched.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
     x_t, eps, x_prev = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
     ts = torch.tensor([981, 401, 1])
     _, batched = diffexp.ddim_step_with_logprob(sched, eps, ts, x_t, 1.0, prev_latents=x_prev)
     for b in range(3):
-        _, single = diffexp.ddim_step_with_logprob(sched, eps[b : b + 1], int(ts[b]), x_t[b : b + 1], 1.0, prev_latents=x_prev[b : b + 1])
+        _, single = diffexp.ddim_step_with_logprob(sched, eps[b : b + 1], int(ts[b]), x_t[b : b + 1], 1.0,
+                                                   prev_latents=x_prev[b : b + 1])
         assert torch.allclose(batched[b], single[0], atol=1e-6)
     with pytest.raises(ValueError, match="no density"):
         diffexp.ddim_step_with_logprob(sched, eps, 981, x_t, 0.0, prev_latents=x_prev)
@@ -169,8 +174,10 @@ def test_sampler_reproduces_stable_diffusion_pipeline(pipe):
     latents = torch.randn(2, 4, 16, 16, generator=g)
     prompts = ["a cat", "a dolphin riding a bike"]
     with torch.no_grad():
-        ours = diffexp.sample(pipe, diffexp.encode_prompts(pipe, prompts)[0], diffexp.encode_prompts(pipe, [""])[0], torch.full((50,), 7.5), latents, 0.0)
-        ref = pipe(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=50, guidance_scale=7.5, eta=0.0, output_type="pt").images
+        ours = diffexp.sample(pipe, diffexp.encode_prompts(pipe, prompts)[0], diffexp.encode_prompts(pipe, [""])[0],
+                              torch.full((50,), 7.5), latents, 0.0)
+        ref = pipe(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=50,
+                   guidance_scale=7.5, eta=0.0, output_type="pt").images
     pipe.scheduler.set_timesteps(50)
     assert ours["images"].shape == ref.shape == (2, 3, 32, 32)
     assert torch.allclose(ours["images"], ref, atol=1e-5)
@@ -182,11 +189,13 @@ def test_sampler_runs_one_branch_when_scale_is_one(pipe):
     sizes, handle = count_unet_batches(pipe.unet)
     try:
         with torch.no_grad():
-            out = diffexp.sample_batch(pipe, ["a cat", "a dog", "a cow"], torch.Generator().manual_seed(0), explore=True, **sampling())
+            out = diffexp.sample_batch(pipe, ["a cat", "a dog", "a cow"], torch.Generator().manual_seed(0),
+                                       explore=True, **sampling())
     finally:
         handle.remove()
     assert sizes == [3] * 5 + [6] * 45  # w = 1 for t > 900 (5 steps): B samples; then the CFG pair: 2B
-    assert out["scales"][:, :5].eq(1.0).all() and out["scales"][:, 5:].eq(7.5).all() and out["log_probs"].shape == (3, 50)
+    assert (out["scales"][:, :5].eq(1.0).all() and out["scales"][:, 5:].eq(7.5).all()
+            and out["log_probs"].shape == (3, 50))
     # w = 0 also runs one branch (the unconditional one)
     sizes, handle = count_unet_batches(pipe.unet)
     try:
@@ -204,7 +213,8 @@ def test_sampler_runs_one_branch_when_scale_is_one(pipe):
 def test_sampler_same_seed_same_images(pipe):
     def run(seed):
         with torch.no_grad():
-            return diffexp.sample_batch(pipe, ["a cat", "a dog"], torch.Generator().manual_seed(seed), explore=True, **sampling())
+            return diffexp.sample_batch(pipe, ["a cat", "a dog"], torch.Generator().manual_seed(seed), explore=True,
+                                        **sampling())
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["log_probs"], b["log_probs"])
@@ -215,7 +225,8 @@ def test_sampler_same_seed_same_images(pipe):
 
 def test_sampler_exploration_changes_only_the_chosen_token(pipe):
     with torch.no_grad():
-        out = diffexp.sample_batch(pipe, ["a dolphin riding a bike"] * 4, torch.Generator().manual_seed(0), explore=True, **sampling())
+        out = diffexp.sample_batch(pipe, ["a dolphin riding a bike"] * 4, torch.Generator().manual_seed(0),
+                                   explore=True, **sampling())
         plain, _ = diffexp.encode_prompts(pipe, ["a dolphin riding a bike"] * 4)
     changed = (out["cond"]["encoder_hidden_states"] != plain["encoder_hidden_states"]).any(dim=2)  # [B, L]
     assert (changed.sum(dim=1) <= 1).all()  # at most one position (alpha may land on 1.0 exactly: never in practice)
@@ -225,7 +236,8 @@ def test_sampler_exploration_changes_only_the_chosen_token(pipe):
 def test_sampler_is_not_no_grad(pipe):
     """The caller decides: under grad, the images depend on the LoRA weights."""
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
-    out = diffexp.sample_batch(pipe, ["a cat"], torch.Generator().manual_seed(0), explore=False, **sampling(eta=0.0), backprop_steps=1)
+    out = diffexp.sample_batch(pipe, ["a cat"], torch.Generator().manual_seed(0), explore=False, **sampling(eta=0.0),
+                               backprop_steps=1)
     out["images"].mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     pipe.unet.zero_grad(set_to_none=True)
@@ -292,22 +304,26 @@ def test_ddpo_recomputed_log_probs_are_on_policy(pipe):
     pipe.scheduler.set_timesteps(10)
     try:
         with torch.no_grad():
-            batch = diffexp.sample_batch(pipe, ["a dolphin riding a bike", "a cat playing chess"], torch.Generator().manual_seed(0), explore=True, **args)
+            batch = diffexp.sample_batch(pipe, ["a dolphin riding a bike", "a cat playing chess"],
+                                         torch.Generator().manual_seed(0), explore=True, **args)
             i = torch.arange(2)
             for s in range(10):
                 log_prob = diffexp.ddpo_log_prob(pipe, batch, i, torch.full((2,), s), 1.0)
                 ratio = (log_prob - batch["log_probs"][:, s]).exp()
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
             # as ddpo_epoch does it: per-sample shuffled steps, so one UNet call mixes w = 1 and CFG samples
-            order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b)) for b in range(2)])  # [2, 10]
+            order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b))
+                                 for b in range(2)])  # [2, 10]
             for j in range(10):
                 s = order[:, j]
                 ratio = (diffexp.ddpo_log_prob(pipe, batch, i, s, 1.0) - batch["log_probs"][i, s]).exp()
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
             assert (batch["scales"][0, order[0]] != batch["scales"][1, order[1]]).any()  # the mixed case occurred
             # the same recomputation without the exploration's scale or embedding is off-policy
-            plain = dict(batch, scales=torch.full_like(batch["scales"], 5.0), cond=diffexp.encode_prompts(pipe, ["a dolphin riding a bike", "a cat playing chess"])[0])
-            off = [(diffexp.ddpo_log_prob(pipe, plain, i, torch.full((2,), s), 1.0) - batch["log_probs"][:, s]).exp() for s in range(10)]
+            plain = dict(batch, scales=torch.full_like(batch["scales"], 5.0),
+                         cond=diffexp.encode_prompts(pipe, ["a dolphin riding a bike", "a cat playing chess"])[0])
+            off = [(diffexp.ddpo_log_prob(pipe, plain, i, torch.full((2,), s), 1.0) - batch["log_probs"][:, s]).exp()
+                   for s in range(10)]
             assert max((r - 1).abs().max().item() for r in off) > 1e-3
     finally:
         pipe.scheduler.set_timesteps(50)
@@ -323,17 +339,20 @@ def fine_tune_shapes(seed, explore, epochs, lr, steps=10, batch_size=16):
     """`epochs` of AlignProp with the colour reward on the shipped shapes model, on [shapes]; returns the mean reward
     on the held-out prompts of [unseen_shapes] from held-out noise (never a training draw) before and after, and the
     UNet's state dicts before and after."""
-    args = diffexp.parse_args(["--method", "alignprop", "--reward", "colour", "--model", "shapes", "--steps", str(steps), "--batch-size",
-                               str(batch_size), "--micro-batch-size", str(batch_size), "--train-batch-size", str(batch_size), "--lr",
-                               str(lr), "--seed", str(seed), *UNUSED_OUT])
+    args = diffexp.parse_args(["--method", "alignprop", "--reward", "colour", "--model", "shapes",
+                               "--steps", str(steps), "--batch-size", str(batch_size),
+                               "--micro-batch-size", str(batch_size), "--train-batch-size", str(batch_size),
+                               "--lr", str(lr), "--seed", str(seed), *UNUSED_OUT])
     torch.manual_seed(seed)
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(args.steps)
-    reward, prompts, held_out = rewards.load_reward("colour", "cpu", torch.float32), diffexp.load_prompts("shapes"), diffexp.load_prompts("unseen_shapes")
+    reward, prompts, held_out = (rewards.load_reward("colour", "cpu", torch.float32), diffexp.load_prompts("shapes"),
+                                 diffexp.load_prompts("unseen_shapes"))
 
     def evaluate():
         with torch.no_grad():
-            images = diffexp.sample_batch(p, held_out * 2, torch.Generator().manual_seed(10_000 + seed), **diffexp.sampling(args))["images"]
+            images = diffexp.sample_batch(p, held_out * 2, torch.Generator().manual_seed(10_000 + seed),
+                                          **diffexp.sampling(args))["images"]
             return reward(images, held_out * 2).mean().item()
 
     lora = [q for q in p.unet.parameters() if q.requires_grad]
@@ -380,7 +399,8 @@ def unet_calls_with_gradient(p, K, steps=8, checkpoint=True):
 
     handle = p.unet.register_forward_hook(hook)
     try:
-        out = diffexp.sample_batch(p, ["cat", "dog"], torch.Generator().manual_seed(0), explore=False, **sampling(eta=0.0), backprop_steps=K, checkpoint=checkpoint)
+        out = diffexp.sample_batch(p, ["cat", "dog"], torch.Generator().manual_seed(0), explore=False,
+                                   **sampling(eta=0.0), backprop_steps=K, checkpoint=checkpoint)
         in_backward[0] = True
         (-pattern_reward()(out["images"], None).mean()).backward()
     finally:
@@ -422,7 +442,8 @@ def saved_bytes(p, K, checkpoint, monkeypatch, steps=40):
     monkeypatch.setattr(diffexp, "ddim_step_with_logprob", counting_step)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = diffexp.sample_batch(p, ["cat", "dog"], torch.Generator().manual_seed(0), explore=True, **sampling(eta=0.0), backprop_steps=K, checkpoint=checkpoint)
+            out = diffexp.sample_batch(p, ["cat", "dog"], torch.Generator().manual_seed(0), explore=True,
+                                       **sampling(eta=0.0), backprop_steps=K, checkpoint=checkpoint)
             pattern_reward()(out["images"], None).mean()
     finally:
         monkeypatch.undo()
@@ -453,7 +474,8 @@ def test_alignprop_forward_equals_the_sampler(pipe):
     try:
         with torch.no_grad():
             plain = diffexp.sample_batch(pipe, ["cat", "dog"], torch.Generator().manual_seed(3), explore=False, **args)
-        graded = diffexp.sample_batch(pipe, ["cat", "dog"], torch.Generator().manual_seed(3), explore=False, **args, backprop_steps=4, checkpoint=True)
+        graded = diffexp.sample_batch(pipe, ["cat", "dog"], torch.Generator().manual_seed(3), explore=False, **args,
+                                      backprop_steps=4, checkpoint=True)
     finally:
         pipe.scheduler.set_timesteps(50)
     assert graded["images"].requires_grad
@@ -476,15 +498,19 @@ def test_sdxl_sampler_reproduces_stable_diffusion_xl_pipeline(sdxl):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond, _ = diffexp.encode_prompts(sdxl, prompts)
-        assert {k: tuple(v.shape) for k, v in cond.items()} == {"encoder_hidden_states": (2, 77, 64), "text_embeds": (2, 32), "time_ids": (2, 6)}
+        assert {k: tuple(v.shape) for k, v in cond.items()} == {"encoder_hidden_states": (2, 77, 64),
+                                                                "text_embeds": (2, 32), "time_ids": (2, 6)}
         args = sampling(eta=0.0, w_high=7.5)
         ours = diffexp.sample_batch(sdxl, prompts, torch.Generator().manual_seed(0), explore=False, **args)["images"]
         # no negative prompt: with force_zeros_for_empty_prompt (SDXL-base's setting) the unconditional
         # branch is zeros in the pipeline, and in sample_batch
-        ref = sdxl(prompts, latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0, output_type="pt").images
+        ref = sdxl(prompts, latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0,
+                   output_type="pt").images
         assert sdxl.config.force_zeros_for_empty_prompt
-        with_empty = diffexp.sample(sdxl, cond, diffexp.encode_prompts(sdxl, [""])[0], torch.full((20,), 7.5), latents, 0.0)["images"]
-        ref_empty = sdxl(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=20, guidance_scale=7.5, eta=0.0, output_type="pt").images
+        with_empty = diffexp.sample(sdxl, cond, diffexp.encode_prompts(sdxl, [""])[0], torch.full((20,), 7.5),
+                                    latents, 0.0)["images"]
+        ref_empty = sdxl(prompts, negative_prompt=["", ""], latents=latents.clone(), num_inference_steps=20,
+                         guidance_scale=7.5, eta=0.0, output_type="pt").images
     sdxl.scheduler.set_timesteps(20)
     assert type(sdxl).__name__ == "StableDiffusionXLPipeline"
     assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(with_empty, ref_empty, atol=1e-5)
@@ -500,7 +526,8 @@ def test_sdxl_eq8_changes_only_the_chosen_token_of_both_encoders(sdxl):
     assert (changed.sum(dim=1) == 1).all() and changed[:, 1:6].any(dim=1).all()
     for b, i in enumerate(changed.float().argmax(dim=1)):
         first, second = weighted[b, i, :32], weighted[b, i, 32:]  # the two encoders' halves at the chosen token
-        assert (first != plain["encoder_hidden_states"][b, i, :32]).any() and (second != plain["encoder_hidden_states"][b, i, 32:]).any()
+        assert ((first != plain["encoder_hidden_states"][b, i, :32]).any()
+                and (second != plain["encoder_hidden_states"][b, i, 32:]).any())
     assert torch.equal(out["cond"]["text_embeds"], plain["text_embeds"])  # the pooled embedding is not weighted
 
 
@@ -509,26 +536,32 @@ def test_sdxl_ddpo_recomputation_is_on_policy(sdxl):
     sdxl.scheduler.set_timesteps(10)
     try:
         with torch.no_grad():
-            batch = diffexp.sample_batch(sdxl, ["a dolphin riding a bike", "a cat"], torch.Generator().manual_seed(0), explore=True, **sampling(w_high=5.0))
+            batch = diffexp.sample_batch(sdxl, ["a dolphin riding a bike", "a cat"], torch.Generator().manual_seed(0),
+                                         explore=True, **sampling(w_high=5.0))
             i = torch.arange(2)
-            order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b)) for b in range(2)])  # [2, 10]
+            order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(b))
+                                 for b in range(2)])  # [2, 10]
             for j in range(10):
-                ratio = (diffexp.ddpo_log_prob(sdxl, batch, i, order[:, j], 1.0) - batch["log_probs"][i, order[:, j]]).exp()
+                ratio = (diffexp.ddpo_log_prob(sdxl, batch, i, order[:, j], 1.0)
+                         - batch["log_probs"][i, order[:, j]]).exp()
                 assert torch.allclose(ratio, torch.ones(2), atol=1e-4)
     finally:
         sdxl.scheduler.set_timesteps(20)
 
 
 def test_sdxl_saves_loads_and_trains_end_to_end(tmp_path):
-    """The tiny SDXL pipeline saves and loads back as SDXL, the CLI trains it, and diffusers' SDXL LoRA loader reads the checkpoint."""
+    ("The tiny SDXL pipeline saves and loads back as SDXL, the CLI trains it, and diffusers' SDXL LoRA loader "
+     "reads the checkpoint.")
     shapes.tiny_pipeline(sdxl=True).save_pretrained(tmp_path / "sdxl")
-    assert type(diffexp.load_pipeline(str(tmp_path / "sdxl"), 4, "cpu", torch.float32)).__name__ == "StableDiffusionXLPipeline"
-    code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", "--model", "tiny-sdxl", *TINY_RUN[2:], "--epochs", "1",
-                             "--eval-every", "0", "--out", str(tmp_path / "run"))
+    assert (type(diffexp.load_pipeline(str(tmp_path / "sdxl"), 4, "cpu", torch.float32)).__name__
+            == "StableDiffusionXLPipeline")
+    code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", "--model", "tiny-sdxl", *TINY_RUN[2:],
+                             "--epochs", "1", "--eval-every", "0", "--out", str(tmp_path / "run"))
     assert code == 0, err
     fresh = shapes.tiny_pipeline(sdxl=True)
     fresh.load_lora_weights(str(tmp_path / "run" / "checkpoint"))
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora_weights(str(tmp_path / "run")).items() if "lora_B" in k or "lora.up" in k)
+    assert any(not torch.equal(v, torch.zeros_like(v))
+               for k, v in lora_weights(str(tmp_path / "run")).items() if "lora_B" in k or "lora.up" in k)
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
@@ -536,17 +569,22 @@ def test_bf16_frozen_weights_with_fp32_lora(model):
     """The GPU precision set-up, run on the CPU: frozen weights bf16 (SDXL's VAE fp32), LoRA fp32; both
     trainers run, and DDPO's recomputed log-probs stay within its 1e-4 clip range of the sampled ones."""
     p = diffexp.load_pipeline(model, 4, "cpu", torch.bfloat16)
-    assert p.text_encoder.dtype == torch.bfloat16 and {q.dtype for n, q in p.unet.named_parameters() if "lora" not in n} == {torch.bfloat16}
+    assert (p.text_encoder.dtype == torch.bfloat16
+            and {q.dtype for n, q in p.unet.named_parameters() if "lora" not in n} == {torch.bfloat16})
     assert {q.dtype for q in p.unet.parameters() if q.requires_grad} == {torch.float32}
     assert p.vae.dtype == (torch.float32 if model == "tiny-sdxl" else torch.bfloat16)
     p.scheduler.set_timesteps(4)
     lora = [q for q in p.unet.parameters() if q.requires_grad]
     optimizer, scaler = torch.optim.AdamW(lora, lr=1e-2), torch.amp.GradScaler("cpu", enabled=False)
-    common = ["--model", model, "--steps", "4", "--batch-size", "2", "--micro-batch-size", "2", "--train-batch-size", "2", *UNUSED_OUT]
+    common = ["--model", model, "--steps", "4", "--batch-size", "2", "--micro-batch-size", "2",
+              "--train-batch-size", "2", *UNUSED_OUT]
     reward = pattern_reward()
-    row, _ = diffexp.alignprop_epoch(p, reward, ["cat", "dog"], diffexp.parse_args(["--method", "alignprop", *common]), True, torch.Generator().manual_seed(0), optimizer, scaler, 1)
+    row, _ = diffexp.alignprop_epoch(p, reward, ["cat", "dog"], diffexp.parse_args(["--method", "alignprop", *common]),
+                                     True, torch.Generator().manual_seed(0), optimizer, scaler, 1)
     assert row["skipped_updates"] == 0 and math.isfinite(row["loss"])
-    row, _ = diffexp.ddpo_epoch(p, reward, ["cat", "dog"], diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *common]), True, torch.Generator().manual_seed(0), optimizer, scaler,
+    row, _ = diffexp.ddpo_epoch(p, reward, ["cat", "dog"],
+                                diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *common]), True,
+                                torch.Generator().manual_seed(0), optimizer, scaler,
                                 diffexp.PerPromptStatTracker(32, 16), 1)
     assert row["skipped_updates"] == 0 and row["clipfrac"] == 0.0
     assert all(q.dtype == torch.float32 and torch.isfinite(q).all() for q in lora)
@@ -555,13 +593,14 @@ def test_bf16_frozen_weights_with_fp32_lora(model):
 # ---------------------------------------------------------------------------------------------
 # The command line and the training run (tiny model, a few seconds per epoch)
 
-TINY_RUN = ["--model", "tiny", "--steps", "4", "--batch-size", "4", "--micro-batch-size", "2", "--train-batch-size", "4"]
+TINY_RUN = ["--model", "tiny", "--steps", "4", "--batch-size", "4", "--micro-batch-size", "2",
+            "--train-batch-size", "4"]
 
 
 def run_cli(*argv, env=None, timeout=600):
     """diffexp.py in a subprocess, as a user runs it; returns (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "diffexp.py"), *argv], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "diffexp.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -584,9 +623,11 @@ def lora_weights(run_dir):
     (["--t-thres", "1000"], "--t-thres 1000 is outside [0, 1000)"),
     (["--t-thres", "-1"], "outside [0, 1000)"),
     (["--alpha-min", "2", "--alpha-max", "1"], "--alpha-min 2.0 is above --alpha-max 1.0"),
-    (["--prompts", "plants"], "prompts 'plants': no such file, nor a set of prompts.txt with prompts (animals, unseen_animals"),
+    (["--prompts", "plants"],
+     "prompts 'plants': no such file, nor a set of prompts.txt with prompts (animals, unseen_animals"),
     (["--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
-    (["--batch-size", "8", "--micro-batch-size", "4", "--train-batch-size", "8", "--samples-per-prompt", "3"], "is not a multiple of --samples-per-prompt 3"),
+    (["--batch-size", "8", "--micro-batch-size", "4", "--train-batch-size", "8", "--samples-per-prompt", "3"],
+     "is not a multiple of --samples-per-prompt 3"),
     (["--samples-per-prompt", "0"], "--samples-per-prompt must be at least 1"),
     (["--backprop-steps", "60"], "--backprop-steps must be between 1 and --steps"),
     (["--backprop-steps", "0"], "--backprop-steps must be between 1 and --steps"),  # not silently "all steps"
@@ -607,12 +648,14 @@ def test_bad_arguments_fail_with_one_clear_line(argv, message, capsys):
 def test_resume_and_generate_take_the_runs_own_settings(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    original = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "50", "--eval-every", "3", "--save-every", "5",
-                                   "--eval-reward", "aesthetic", "--lr", "0.02", *UNUSED_OUT])
+    original = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "50",
+                                   "--eval-every", "3", "--save-every", "5", "--eval-reward", "aesthetic",
+                                   "--lr", "0.02", *UNUSED_OUT])
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
     for mode in ("--resume", "--generate"):
         args = diffexp.parse_args([mode, str(run)])
-        assert (args.method, args.epochs, args.eval_every, args.save_every, args.eval_reward, args.lr, args.steps) == ("ddpo", 50, 3, 5, "aesthetic", 0.02, 4)
+        assert ((args.method, args.epochs, args.eval_every, args.save_every, args.eval_reward, args.lr, args.steps)
+                == ("ddpo", 50, 3, 5, "aesthetic", 0.02, 4))
     assert diffexp.parse_args(["--resume", str(run), "--epochs", "60"]).epochs == 60
     with pytest.raises(SystemExit):
         diffexp.parse_args(["--resume", str(run), "--method", "alignprop", "--reward", "aesthetic"])
@@ -644,13 +687,15 @@ def test_empty_prompt_set_is_refused_and_a_prompt_file_is_accepted(tmp_path, mon
 
 def test_prompts_txt_has_the_papers_sets():
     load = diffexp.load_prompts
-    assert len(load("animals")) == 45 and len(load("unseen_animals")) == 6 and not set(load("animals")) & set(load("unseen_animals"))
+    assert (len(load("animals")) == 45 and len(load("unseen_animals")) == 6
+            and not set(load("animals")) & set(load("unseen_animals")))
     assert len(load("animal_activities")) == 135 and "a monkey washing the dishes" in load("animal_activities")
     assert len(load("unseen_animal_activities")) == 135 and "a cat playing soccer" in load("unseen_animal_activities")
     # DrawBench's 58 challenging prompts, verbatim: their SHA-256, taken from the published list when it was copied
     drawbench = load("drawbench")
     assert len(drawbench) == 58 and drawbench[0] == "A horse riding an astronaut."
-    assert hashlib.sha256("\n".join(drawbench).encode()).hexdigest() == "f9f98dc777a9d8b123b6fafc31de15189aef5021ced6b1e3a92fe3f27fa14e67"
+    assert (hashlib.sha256("\n".join(drawbench).encode()).hexdigest()
+            == "f9f98dc777a9d8b123b6fafc31de15189aef5021ced6b1e3a92fe3f27fa14e67")
     # the shapes world's sets: held-out colour-shape pairs, every prompt a caption of the grammar
     seen, unseen = load("shapes"), load("unseen_shapes")
     pairs = lambda prompts: {(shapes.parse_caption(p)["colour"], shapes.parse_caption(p)["shape"]) for p in prompts}
@@ -663,28 +708,33 @@ def test_without_the_hub_failures_are_one_line_naming_the_fix(tmp_path):
     run = str(tmp_path / "run")
     code, out, err = run_cli("--method", "ddpo", "--reward", "jpeg", "--model", "nobody/no-such-model", "--out", run)
     assert code == 1 and "Traceback" not in err and not os.path.exists(run)
-    assert err.strip().splitlines()[-1].startswith("error: cannot load --model 'nobody/no-such-model'") and "--model shapes" in err
+    assert (err.strip().splitlines()[-1].startswith("error: cannot load --model 'nobody/no-such-model'")
+            and "--model shapes" in err)
     code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", "--model", "shapes", "--out", run)
     last = err.strip().splitlines()[-1]
     assert code == 1 and "Traceback" not in err and not os.path.exists(run)
-    assert "reward aesthetic" in last and "sac+logos+ava1-l14-linearMSE.pth" in last and "DIFFEXP_AESTHETIC_HEAD" in last
+    assert ("reward aesthetic" in last and "sac+logos+ava1-l14-linearMSE.pth" in last
+            and "DIFFEXP_AESTHETIC_HEAD" in last)
     assert len([line for line in err.splitlines() if "Retrying" in line or "connect" in line.lower()]) == 0
 
 
 def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
     run = str(tmp_path / "run")
-    code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run)
+    code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "2",
+                             "--eval-every", "2", "--out", run)
     assert code == 0, err
     rows = read_log(run)
     assert [r["epoch"] for r in rows] == [0, 1, 2] and [r["reward_queries"] for r in rows] == [0, 4, 8]
     assert {"reward_mean", "reward_std", "loss", "eval_seen_aesthetic", "eval_unseen_aesthetic"} <= set(rows[-1])
     assert rows[1]["explore"] and rows[2]["explore"]  # ceil(3/4 of 2 epochs) = 2
     files = set(os.listdir(run))
-    assert {"config.json", "log.jsonl", "checkpoint", "train_0001.png", "eval_seen_0002.png", "eval_unseen_0000.png"} <= files
+    assert {"config.json", "log.jsonl", "checkpoint", "train_0001.png", "eval_seen_0002.png",
+            "eval_unseen_0000.png"} <= files
     # what the user is told: where the run goes, the device, progress bars, and a summary at the end
     assert out.splitlines()[0] == f"run directory {run}" and "device cpu, frozen weights fp32" in out
     assert "evaluating unseen" in err and "alignprop" in err  # tqdm's bars
-    assert "done after epoch 2 of 2 in" in out and f"eval_unseen_aesthetic {rows[-1]['eval_unseen_aesthetic']:.4g}" in out
+    assert ("done after epoch 2 of 2 in" in out
+            and f"eval_unseen_aesthetic {rows[-1]['eval_unseen_aesthetic']:.4g}" in out)
     # the checkpoint is a diffusers LoRA: load_lora_weights on a fresh pipeline gives the trained UNet
     fresh = shapes.tiny_pipeline()
     fresh.load_lora_weights(os.path.join(run, "checkpoint"))
@@ -692,8 +742,10 @@ def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
     diffexp.load_checkpoint(run, trained.unet)
     x, c = torch.randn(1, 4, 16, 16), diffexp.encode_prompts(fresh, ["cat"])[0]["encoder_hidden_states"]
     with torch.no_grad():
-        assert torch.allclose(fresh.unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample, atol=1e-6)
-        assert not torch.allclose(shapes.tiny_pipeline().unet(x, 500, encoder_hidden_states=c).sample, trained.unet(x, 500, encoder_hidden_states=c).sample)
+        assert torch.allclose(fresh.unet(x, 500, encoder_hidden_states=c).sample,
+                              trained.unet(x, 500, encoder_hidden_states=c).sample, atol=1e-6)
+        assert not torch.allclose(shapes.tiny_pipeline().unet(x, 500, encoder_hidden_states=c).sample,
+                                  trained.unet(x, 500, encoder_hidden_states=c).sample)
     # an existing run directory is refused without --resume or --overwrite, before anything loads
     code, out, err = run_cli("--method", "alignprop", *TINY_RUN, "--epochs", "1", "--out", run)
     assert code == 2 and "exists; pass --resume" in err and "Traceback" not in err and out == ""
@@ -703,39 +755,47 @@ def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
     # --generate writes images of every evaluation prompt with and without the LoRA, with their rewards
     code, out, err = run_cli("--generate", run)
     assert code == 0, err
-    assert {"generate_with_lora.png", "generate_without_lora.png"} <= set(os.listdir(run)) and "eval_unseen_aesthetic" in out
+    assert ({"generate_with_lora.png", "generate_without_lora.png"} <= set(os.listdir(run))
+            and "eval_unseen_aesthetic" in out)
 
 
 def test_defaults_come_from_the_small_model_then_the_method_then_the_common_table():
     def args(*argv):
         return diffexp.parse_args([*argv, *UNUSED_OUT])
 
-    shapes_ddpo, shapes_alignprop, sd_alignprop = args("--model", "shapes", "--method", "ddpo"), args("--model", "shapes"), args()
-    assert (shapes_ddpo.eval_every, shapes_ddpo.epochs, shapes_ddpo.lr, shapes_ddpo.w_high, shapes_ddpo.samples_per_prompt) == (2, 12, 3e-4, 5.0, 16)
-    assert (shapes_alignprop.epochs, shapes_alignprop.lr, shapes_alignprop.w_high, shapes_alignprop.samples_per_prompt) == (8, 1e-3, 7.5, 1)
-    assert shapes_ddpo.reward == shapes_alignprop.reward == "fidelity" and sd_alignprop.reward == "aesthetic"  # per (model, method)
+    shapes_ddpo, shapes_alignprop, sd_alignprop = (
+        args("--model", "shapes", "--method", "ddpo"), args("--model", "shapes"), args())
+    assert (shapes_ddpo.eval_every, shapes_ddpo.epochs, shapes_ddpo.lr, shapes_ddpo.w_high,
+            shapes_ddpo.samples_per_prompt) == (2, 12, 3e-4, 5.0, 16)
+    assert (shapes_alignprop.epochs, shapes_alignprop.lr, shapes_alignprop.w_high,
+            shapes_alignprop.samples_per_prompt) == (8, 1e-3, 7.5, 1)
+    # the default reward is per (model, method)
+    assert shapes_ddpo.reward == shapes_alignprop.reward == "fidelity" and sd_alignprop.reward == "aesthetic"
     assert (sd_alignprop.eval_every, sd_alignprop.epochs, sd_alignprop.lr, sd_alignprop.w_high) == (10, 200, 1e-3, 7.5)
     assert args("--model", "shapes", "--eval-every", "3").eval_every == 3  # a flag given wins
 
 
 def test_default_run_directories_do_not_collide():
-    """The default --out names the method, reward, model, arm, every setting that differs from its default, and the seed."""
+    ("The default --out names the method, reward, model, arm, every setting that differs from its default, "
+     "and the seed.")
     def name(*argv):
         return diffexp.parse_args(list(argv)).out
 
     base = name("--model", "tiny")
     assert base == os.path.join("runs", "alignprop-aesthetic-tiny-diffexp-s0")
-    others = [name("--model", "tiny-sdxl"), name("--model", "tiny", "--t-thres", "800"), name("--model", "tiny", "--alpha-max", "1"),
-              name("--model", "tiny", "--w-low", "7.5"), name("--model", "tiny", "--no-explore"), name("--model", "tiny", "--seed", "1"),
+    others = [name("--model", "tiny-sdxl"), name("--model", "tiny", "--t-thres", "800"),
+              name("--model", "tiny", "--alpha-max", "1"), name("--model", "tiny", "--w-low", "7.5"),
+              name("--model", "tiny", "--no-explore"), name("--model", "tiny", "--seed", "1"),
               name("--model", "shapes"), name("--model", "tiny", "--method", "ddpo", "--reward", "jpeg"), name()]
     assert len({base, *others}) == len(others) + 1
     assert others[1] == os.path.join("runs", "alignprop-aesthetic-tiny-diffexp-t_thres=800-s0")
     assert others[-1] == os.path.join("runs", "alignprop-aesthetic-stable-diffusion-v1-5-diffexp-s0")
     assert name("--model", "tiny", "--epochs", "3", "--eval-every", "1") == base  # run tooling is not part of the name
-    many = ["--model", "tiny", "--steps", "7", "--w-low", "2", "--alpha-min", "1.5", "--t-thres", "700", "--lora-rank", "8", "--eta", "0.5",
-            "--clip-range", "0.001", "--lr"]
+    many = ["--model", "tiny", "--steps", "7", "--w-low", "2", "--alpha-min", "1.5", "--t-thres", "700",
+            "--lora-rank", "8", "--eta", "0.5", "--clip-range", "0.001", "--lr"]
     long = name(*many, "0.5")  # more than 80 characters of settings become a short hash of them
-    assert os.path.basename(long).startswith("alignprop-aesthetic-tiny-diffexp-custom") and len(os.path.basename(long)) < 60
+    assert (os.path.basename(long).startswith("alignprop-aesthetic-tiny-diffexp-custom")
+            and len(os.path.basename(long)) < 60)
     assert long != name(*many, "0.6") and long == name(*many, "0.5")
 
 
@@ -745,20 +805,24 @@ def test_help_is_grouped_shows_every_default_and_answers_before_torch_loads():
             "print('torch loaded:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120).stdout
     assert out.strip().endswith("torch loaded: False")
-    for group in ("what to fine-tune:", "sampling:", "DiffExp (Eq. 7, Eq. 8):", "training:", "DDPO:", "AlignProp:", "run:"):
+    for group in ("what to fine-tune:", "sampling:", "DiffExp (Eq. 7, Eq. 8):", "training:", "DDPO:", "AlignProp:",
+                  "run:"):
         assert group in out
     text = "".join(out.split())  # argparse wraps lines, also at hyphens: compare without whitespace
-    for shown in ("--w-high W_HIGH Eq. 7: the ordinary CFG scale, for t <= t_thres (paper's values) (default: ddpo 5.0, alignprop 7.5)",
+    for shown in (("--w-high W_HIGH Eq. 7: the ordinary CFG scale, for t <= t_thres (paper's values) "
+                   "(default: ddpo 5.0, alignprop 7.5)"),
                   "(default: alignprop)", "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)",
-                  "(default: animals; shapes shapes)", "(default: unseen_animals; shapes unseen_shapes)", "(default: 10; shapes 2)",
-                  "(default: 0)", "(default: 200; shapes ddpo 12, alignprop 8; tiny 6; tiny-sdxl 6)",
+                  "(default: animals; shapes shapes)", "(default: unseen_animals; shapes unseen_shapes)",
+                  "(default: 10; shapes 2)", "(default: 0)",
+                  "(default: 200; shapes ddpo 12, alignprop 8; tiny 6; tiny-sdxl 6)",
                   "(default: 1; shapes ddpo 16, alignprop 1)", "(default: aesthetic; shapes fidelity)"):
         assert "".join(shown.split()) in text, shown
 
 
 def test_the_repository_stands_alone():
     """No file of the project cites the design notes or reads a folder beside the repository."""
-    for name in ("diffexp.py", "rewards.py", "shapes.py", "replicate.py", "test_diffexp.py", "README.md", "prompts.txt"):
+    for name in ("diffexp.py", "rewards.py", "shapes.py", "replicate.py", "test_diffexp.py", "README.md",
+                 "prompts.txt"):
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
             text = f.read()
         assert "SPEC" + ".md" not in text and "../" + "shared" not in text, name
@@ -797,13 +861,16 @@ def test_nan_reward_skips_the_update(pipe):
     before = [p.detach().clone() for p in lora]
     optimizer = torch.optim.AdamW(lora, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    nan_reward = lambda images, prompts: torch.where(torch.arange(len(images)) == 0, torch.nan, images.mean(dim=(1, 2, 3)))
+    nan_reward = lambda images, prompts: torch.where(torch.arange(len(images)) == 0, torch.nan,
+                                                     images.mean(dim=(1, 2, 3)))
     pipe.scheduler.set_timesteps(args.steps)
     try:
-        row, _ = diffexp.ddpo_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0), optimizer, scaler, diffexp.PerPromptStatTracker(32, 16), 1)
+        row, _ = diffexp.ddpo_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0),
+                                    optimizer, scaler, diffexp.PerPromptStatTracker(32, 16), 1)
         assert row["skipped_updates"] == 1 and math.isnan(row["reward_mean"])
         args = diffexp.parse_args(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, *UNUSED_OUT])
-        row, _ = diffexp.alignprop_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0), optimizer, scaler, 1)
+        row, _ = diffexp.alignprop_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0),
+                                         optimizer, scaler, 1)
         assert row["skipped_updates"] == 1 and math.isnan(row["loss"])
     finally:
         pipe.scheduler.set_timesteps(50)
@@ -822,7 +889,8 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(SystemExit, match="No space left on device.*the last good one is intact"):
-        diffexp.main(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "3", "--eval-every", "0", "--save-every", "1", "--out", run])
+        diffexp.main(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "3", "--eval-every", "0",
+                      "--save-every", "1", "--out", run])
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == 1
     assert sorted(os.listdir(run)) == ["checkpoint", "config.json", "log.jsonl", "train_0001.png", "train_0002.png"]
 
@@ -831,7 +899,8 @@ def test_resume_after_a_crash_inside_the_checkpoint_swap(tmp_path):
     run = str(tmp_path / "run")
     common = ["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--eval-every", "0"]
     diffexp.main([*common, "--epochs", "1", "--out", run])
-    os.rename(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.tmp"))  # the old one deleted, the new one not renamed
+    # the old one deleted, the new one not renamed
+    os.rename(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.tmp"))
     diffexp.main([*common, "--epochs", "2", "--resume", run])
     assert [r["epoch"] for r in read_log(run)] == [1, 2]
     assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint")) == ["checkpoint"]
@@ -851,15 +920,18 @@ def test_unwritable_run_directory_is_refused_before_anything_loads(tmp_path):
     for out_dir in (str(tmp_path / "a_file" / "run"), "/proc/nope/run"):
         code, out, err = run_cli("--method", "alignprop", "--reward", "colour", "--model", "shapes", "--out", out_dir,
                                  env=dict(PYTHONPATH=str(tmp_path / "no_torch")))
-        assert code == 2 and out == "" and err.startswith("error: cannot write the run directory") and len(err.splitlines()) == 1, err
+        assert (code == 2 and out == "" and err.startswith("error: cannot write the run directory")
+                and len(err.splitlines()) == 1), err
     assert diffexp.try_writing(str(tmp_path / "new" / "deeper" / "run")) is None
     assert sorted(os.listdir(tmp_path)) == ["a_file", "no_torch"]
 
 
 def test_sigint_says_so_finishes_the_epoch_saves_and_exits_zero(tmp_path):
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "diffexp.py"), "--method", "alignprop", "--reward", "aesthetic", *TINY_RUN,
-                             "--epochs", "100", "--eval-every", "0", "--save-every", "50", "--out", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "diffexp.py"), "--method", "alignprop",
+                             "--reward", "aesthetic", *TINY_RUN, "--epochs", "100", "--eval-every", "0",
+                             "--save-every", "50", "--out", run],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until the first epoch is logged, then interrupt the second
         if line.startswith('{"epoch": 1'):
             break
@@ -876,7 +948,8 @@ def test_sigint_says_so_finishes_the_epoch_saves_and_exits_zero(tmp_path):
 def test_tiny_runs_print_no_warnings(tmp_path):
     """Both tiny pipelines are built in the wanted dtype, not cast after (which makes diffusers warn)."""
     for model in ("tiny", "tiny-sdxl"):
-        code, out, err = run_cli("--method", "ddpo", "--reward", "jpeg", *TINY_RUN[2:], "--model", model, "--epochs", "1", "--out", str(tmp_path / model))
+        code, out, err = run_cli("--method", "ddpo", "--reward", "jpeg", *TINY_RUN[2:], "--model", model,
+                                 "--epochs", "1", "--out", str(tmp_path / model))
         assert code == 0, err
         text = (out + err).replace(str(tmp_path), "").lower()
         assert "warn" not in text and "casting" not in text and "deprecat" not in text, out + err
@@ -884,12 +957,14 @@ def test_tiny_runs_print_no_warnings(tmp_path):
 
 def test_main_in_process_restores_the_signal_handlers(tmp_path):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    diffexp.main(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "1", "--eval-every", "0", "--out", str(tmp_path / "run")])
+    diffexp.main(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "1", "--eval-every", "0",
+                  "--out", str(tmp_path / "run")])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def torchrun(tmp_path, *argv):
-    """diffexp.main under torchrun with 2 CPU processes (gloo, one thread each); each rank saves its LoRA at the start and end."""
+    ("diffexp.main under torchrun with 2 CPU processes (gloo, one thread each); each rank saves its LoRA at the start "
+     "and end.")
     launcher = tmp_path / "launch.py"
     launcher.write_text(f"""
 import os, sys, torch
@@ -900,22 +975,26 @@ train = diffexp.train
 def train_and_dump(pipe, *args, **kwargs):
     start = {{k: v.clone() for k, v in get_peft_model_state_dict(pipe.unet).items()}}
     row = train(pipe, *args, **kwargs)
-    torch.save(dict(start=start, end=get_peft_model_state_dict(pipe.unet)), os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
+    torch.save(dict(start=start, end=get_peft_model_state_dict(pipe.unet)), \
+os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
     return row
 diffexp.train = train_and_dump
 if os.environ["RANK"] == "0" and os.environ.get("RANK0_DELAY"):  # rank 0 lagging behind the others, as under load
     import time; time.sleep(float(os.environ["RANK0_DELAY"]))
 diffexp.main(sys.argv[1:])
 """)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher), *argv],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(launcher), *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("method, reward", [("ddpo", "jpeg"), ("alignprop", "aesthetic")])
 def test_two_processes_end_with_identical_lora(tmp_path, method, reward):
-    """torchrun with 2 CPU processes: different samples per rank, averaged gradients, the same LoRA, metrics over both ranks."""
+    ("torchrun with 2 CPU processes: different samples per rank, averaged gradients, the same LoRA, metrics over "
+     "both ranks.")
     run = str(tmp_path / "run")
-    proc = torchrun(tmp_path, "--method", method, "--reward", reward, *TINY_RUN, "--epochs", "2", "--eval-every", "2", "--out", run)
+    proc = torchrun(tmp_path, "--method", method, "--reward", reward, *TINY_RUN, "--epochs", "2", "--eval-every", "2",
+                    "--out", run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert all(torch.equal(r0["end"][k], r1["end"][k]) for k in r0["end"])  # bit-identical on both ranks
@@ -925,12 +1004,14 @@ def test_two_processes_end_with_identical_lora(tmp_path, method, reward):
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["reward_queries"] == 8
     assert os.path.exists(os.path.join(run, "checkpoint", "state.pt"))
     assert proc.stdout.count("run directory") == 1 and proc.stdout.count('{"epoch": 1') == 1  # printed by rank 0 only
-    if method == "alignprop":  # each rank's loss is -0.01 x the mean of its rewards: averaged over ranks, it matches reward_mean
+    if method == "alignprop":
+        # each rank's loss is -0.01 x the mean of its rewards: averaged over ranks, it matches reward_mean
         assert rows[1]["loss"] == pytest.approx(-0.01 * rows[1]["reward_mean"], rel=1e-4)
 
 
 def test_two_processes_report_an_argument_error_once(tmp_path, monkeypatch):
-    """Printed by rank 0 even when it is the slower one: a rank that failed first would make torchrun kill it unprinted."""
+    ("Printed by rank 0 even when it is the slower one: a rank that failed first would make torchrun kill it "
+     "unprinted.")
     monkeypatch.setenv("RANK0_DELAY", "3")
     proc = torchrun(tmp_path, "--model", "tiny", "--t-thres", "1000", "--out", str(tmp_path / "run"))
     assert proc.returncode != 0 and proc.stderr.count("error: --t-thres 1000 is outside") == 1
@@ -952,22 +1033,26 @@ def test_plot_draws_training_evaluation_and_judge_curves_per_run(tmp_path, monke
     pyplot = SimpleNamespace(subplots=lambda rows, cols, figsize: (figure, axes[:cols]), close=lambda what: None)
     monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
-    for name, explore, reward in (("diffexp", False, "aesthetic"), ("baseline", True, "aesthetic"), ("other", False, "jpeg"),
-                                  ("shapes", False, "fidelity")):
+    for name, explore, reward in (("diffexp", False, "aesthetic"), ("baseline", True, "aesthetic"),
+                                  ("other", False, "jpeg"), ("shapes", False, "fidelity")):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "config.json").write_text(json.dumps(dict(method="ddpo", reward=reward, no_explore=explore)))
-        rows = [dict(epoch=0, reward_queries=0, **{f"eval_unseen_{reward}": 1.0}), dict(epoch=1, reward_queries=64, reward_mean=5.0),
+        rows = [dict(epoch=0, reward_queries=0, **{f"eval_unseen_{reward}": 1.0}),
+                dict(epoch=1, reward_queries=64, reward_mean=5.0),
                 dict(epoch=2, reward_queries=128, reward_mean=6.0, **{f"eval_unseen_{reward}": 2.0})]
         if reward == "fidelity":
             rows[0]["eval_unseen_shapes_judge"], rows[2]["eval_unseen_shapes_judge"] = 0.9, 0.7
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     replicate.plot_runs([str(tmp_path / "diffexp"), str(tmp_path / "baseline")], str(tmp_path / "plot.png"))
-    assert lines == [(0, [64, 128], [5.0, 6.0], "ddpo + DiffExp (diffexp)"), (1, [0, 128], [1.0, 2.0], "ddpo + DiffExp (diffexp)"),
+    assert lines == [(0, [64, 128], [5.0, 6.0], "ddpo + DiffExp (diffexp)"),
+                     (1, [0, 128], [1.0, 2.0], "ddpo + DiffExp (diffexp)"),
                      (0, [64, 128], [5.0, 6.0], "ddpo (baseline)"), (1, [0, 128], [1.0, 2.0], "ddpo (baseline)")]
-    assert labels[0]["ylabel"] == labels[1]["ylabel"] == "mean aesthetic" and 2 not in labels and os.path.exists(tmp_path / "plot.png")
+    assert (labels[0]["ylabel"] == labels[1]["ylabel"] == "mean aesthetic" and 2 not in labels
+            and os.path.exists(tmp_path / "plot.png"))
     lines.clear()
     replicate.plot_runs([str(tmp_path / "shapes")], str(tmp_path / "plot.png"))
-    assert lines[-1] == (2, [0, 128], [0.9, 0.7], "ddpo + DiffExp (shapes)") and labels[2]["ylabel"] == "mean shapes_judge"
+    assert (lines[-1] == (2, [0, 128], [0.9, 0.7], "ddpo + DiffExp (shapes)")
+            and labels[2]["ylabel"] == "mean shapes_judge")
     with pytest.raises(ValueError, match=r"different rewards \(aesthetic, jpeg\)"):  # no single y-label fits
         replicate.plot_runs([str(tmp_path / "diffexp"), str(tmp_path / "other")], str(tmp_path / "plot.png"))
     with pytest.raises(ValueError, match="not a run directory"):
@@ -981,7 +1066,8 @@ def spy_run(tmp_path, monkeypatch, *argv):
     """A CLI run in-process on the tiny model that records, per epoch, every sample() call's guidance scales,
     every AlignProp truncation K, every DDPO log-prob recomputation and every optimizer step."""
     calls, epoch = [], [0]
-    real_sample, real_loss, real_log_prob, real_step = diffexp.sample, diffexp.alignprop_loss, diffexp.ddpo_log_prob, diffexp.optimizer_step
+    real_sample, real_loss, real_log_prob, real_step = (diffexp.sample, diffexp.alignprop_loss, diffexp.ddpo_log_prob,
+                                                        diffexp.optimizer_step)
     real_epoch = {m: getattr(diffexp, f"{m}_epoch") for m in ("ddpo", "alignprop")}
 
     def record(kind, value, result):
@@ -994,9 +1080,12 @@ def spy_run(tmp_path, monkeypatch, *argv):
             return real_epoch[method](*a, **k)
         return run
 
-    monkeypatch.setattr(diffexp, "sample", lambda pipe, cond, uncond, scales, *a, **k: record("scales", scales.tolist(), real_sample(pipe, cond, uncond, scales, *a, **k)))
-    monkeypatch.setattr(diffexp, "alignprop_loss", lambda pipe, fn, prompts, g, K, *a, **k: record("K", K, real_loss(pipe, fn, prompts, g, K, *a, **k)))
-    monkeypatch.setattr(diffexp, "ddpo_log_prob", lambda pipe, batch, i, s, eta: record("log_prob", len(i), real_log_prob(pipe, batch, i, s, eta)))
+    monkeypatch.setattr(diffexp, "sample", lambda pipe, cond, uncond, scales, *a, **k:
+                        record("scales", scales.tolist(), real_sample(pipe, cond, uncond, scales, *a, **k)))
+    monkeypatch.setattr(diffexp, "alignprop_loss", lambda pipe, fn, prompts, g, K, *a, **k:
+                        record("K", K, real_loss(pipe, fn, prompts, g, K, *a, **k)))
+    monkeypatch.setattr(diffexp, "ddpo_log_prob", lambda pipe, batch, i, s, eta:
+                        record("log_prob", len(i), real_log_prob(pipe, batch, i, s, eta)))
     monkeypatch.setattr(diffexp, "optimizer_step", lambda *a: record("step", None, real_step(*a)))
     for method in ("ddpo", "alignprop"):
         monkeypatch.setattr(diffexp, f"{method}_epoch", epoch_of(method))
@@ -1007,26 +1096,31 @@ def spy_run(tmp_path, monkeypatch, *argv):
 @pytest.mark.parametrize("epochs", [4, 5])
 def test_exploration_runs_for_the_first_three_quarters_of_the_epochs(tmp_path, monkeypatch, epochs):
     calls, rows = spy_run(tmp_path, monkeypatch, "--method", "alignprop", "--reward", "aesthetic", "--batch-size", "4",
-                          "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", str(epochs), "--t-thres", "500")
+                          "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", str(epochs),
+                          "--t-thres", "500")
     explored = math.ceil(0.75 * epochs)
     assert [r["explore"] for r in rows] == [True] * explored + [False] * (epochs - explored)
     for e in range(1, epochs + 1):  # 4 steps: t = 751, 501, 251, 1; while exploring, t > 500 runs at w_low = 1
         scales = [v for k, kind, v in calls if k == e and kind == "scales"]
-        assert len(scales) == 2 and all(v == ([1.0, 1.0, 7.5, 7.5] if e <= explored else [7.5] * 4) for v in scales), (e, scales)
+        assert (len(scales) == 2
+                and all(v == ([1.0, 1.0, 7.5, 7.5] if e <= explored else [7.5] * 4) for v in scales)), (e, scales)
 
 
 def test_no_explore_samples_plainly_throughout(tmp_path, monkeypatch):
-    calls, rows = spy_run(tmp_path, monkeypatch, "--method", "alignprop", "--reward", "aesthetic", "--batch-size", "4", "--micro-batch-size", "2",
-                          "--train-batch-size", "4", "--epochs", "2", "--t-thres", "500", "--no-explore")
+    calls, rows = spy_run(tmp_path, monkeypatch, "--method", "alignprop", "--reward", "aesthetic",
+                          "--batch-size", "4", "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", "2",
+                          "--t-thres", "500", "--no-explore")
     assert [r["explore"] for r in rows] == [False, False]
     assert all(v == [7.5] * 4 for _, kind, v in calls if kind == "scales")
-    calls, rows = spy_run(tmp_path / "b", monkeypatch, "--method", "alignprop", "--reward", "aesthetic", "--batch-size", "4",
-                          "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", "2", "--t-thres", "500")
+    calls, rows = spy_run(tmp_path / "b", monkeypatch, "--method", "alignprop", "--reward", "aesthetic",
+                          "--batch-size", "4", "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", "2",
+                          "--t-thres", "500")
     assert all(v == [1.0, 1.0, 7.5, 7.5] for _, kind, v in calls if kind == "scales")  # t = 751, 501 > 500: w_low
 
 
 def test_ddpo_inner_epochs_and_timestep_fraction(tmp_path, monkeypatch):
-    common = ["--method", "ddpo", "--reward", "jpeg", "--batch-size", "8", "--micro-batch-size", "2", "--train-batch-size", "4", "--epochs", "1"]
+    common = ["--method", "ddpo", "--reward", "jpeg", "--batch-size", "8", "--micro-batch-size", "2",
+              "--train-batch-size", "4", "--epochs", "1"]
     calls, _ = spy_run(tmp_path / "a", monkeypatch, *common)
     assert sum(kind == "step" for *_, kind, _ in calls) == 2  # 8 samples, 4 per optimizer step
     assert sum(v for *_, kind, v in calls if kind == "log_prob") == 8 * 4  # every sample trains on all 4 steps
@@ -1037,8 +1131,8 @@ def test_ddpo_inner_epochs_and_timestep_fraction(tmp_path, monkeypatch):
 
 
 def test_alignprop_draws_one_truncation_per_batch(tmp_path, monkeypatch):
-    common = ["--method", "alignprop", "--reward", "aesthetic", "--batch-size", "16", "--micro-batch-size", "1", "--train-batch-size", "16",
-              "--epochs", "1", "--steps", "4"]
+    common = ["--method", "alignprop", "--reward", "aesthetic", "--batch-size", "16", "--micro-batch-size", "1",
+              "--train-batch-size", "16", "--epochs", "1", "--steps", "4"]
     K = lambda calls: [v for *_, kind, v in calls if kind == "K"]
     default = K(spy_run(tmp_path / "a", monkeypatch, *common)[0])
     assert len(default) == 16 and set(default) == {1, 2, 3, 4}  # K ~ U{1..steps}, one per micro-batch
@@ -1054,22 +1148,27 @@ def test_eq8_alpha_is_applied_in_fp32_before_the_cast():
     c, c_empty = torch.randn(2, 5, 8, generator=g).bfloat16(), torch.randn(1, 5, 8, generator=g).bfloat16()
     alpha = torch.tensor([1.001, 1.9999])  # bf16 would round these to 1.0 and 2.0
     out = diffexp.weight_prompt_embeds(c, c_empty, torch.tensor([1, 3]), alpha)
-    expected = (c_empty[0, [1, 3]].float() + alpha[:, None] * (c[[0, 1], [1, 3]].float() - c_empty[0, [1, 3]].float())).bfloat16()
+    expected = (c_empty[0, [1, 3]].float()
+                + alpha[:, None] * (c[[0, 1], [1, 3]].float() - c_empty[0, [1, 3]].float())).bfloat16()
     assert out.dtype == torch.bfloat16 and torch.equal(out[[0, 1], [1, 3]], expected)
 
 
 def test_evaluation_covers_the_whole_prompt_set(pipe, monkeypatch):
     """Every prompt of a set is evaluated, in order, cycled to at least --batch-size images."""
-    args = diffexp.parse_args(["--model", "tiny", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--train-batch-size", "4",
-                               *UNUSED_OUT])
+    args = diffexp.parse_args(["--model", "tiny", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
+                               "--train-batch-size", "4", *UNUSED_OUT])
     seen = []
-    monkeypatch.setattr(diffexp, "sample_batch", lambda pipe, prompts, generator, **k: seen.extend(prompts) or dict(images=torch.rand(len(prompts), 3, 8, 8)))
+    monkeypatch.setattr(diffexp, "sample_batch", lambda pipe, prompts, generator, **k:
+                        seen.extend(prompts) or dict(images=torch.rand(len(prompts), 3, 8, 8)))
     prompts = [f"prompt {k}" for k in range(7)]
-    metrics, shown = diffexp.evaluate(pipe, {"jpeg": rewards.load_reward("jpeg", "cpu", torch.float32)}, {"unseen": prompts}, args, 1)
+    metrics, shown = diffexp.evaluate(pipe, {"jpeg": rewards.load_reward("jpeg", "cpu", torch.float32)},
+                                      {"unseen": prompts}, args, 1)
     assert seen == prompts + prompts[:1]  # 7 prompts, rounded up to whole micro-batches of 2
-    assert [p for _, p, _ in shown["unseen"]] == seen and all(set(r) == {"jpeg"} and isinstance(r["jpeg"], float) for *_, r in shown["unseen"])
+    assert ([p for _, p, _ in shown["unseen"]] == seen
+            and all(set(r) == {"jpeg"} and isinstance(r["jpeg"], float) for *_, r in shown["unseen"]))
     seen.clear()
-    diffexp.evaluate(pipe, {"jpeg": rewards.load_reward("jpeg", "cpu", torch.float32)}, {"unseen": prompts[:3]}, args, 1)
+    diffexp.evaluate(pipe, {"jpeg": rewards.load_reward("jpeg", "cpu", torch.float32)},
+                     {"unseen": prompts[:3]}, args, 1)
     assert seen == prompts[:3] + prompts[:1]  # a small set is cycled to --batch-size 4
 
 
@@ -1078,8 +1177,10 @@ def test_evaluation_covers_the_whole_prompt_set(pipe, monkeypatch):
 
 
 def test_caption_grammar_round_trips():
-    assert shapes.caption_of("red", "circle") == "a red circle" and shapes.caption_of("orange", "square", size="large") == "a large orange square"
-    assert shapes.caption_of("blue", "triangle", count=2, size="small", background="white") == "two small blue triangles on a white background"
+    assert (shapes.caption_of("red", "circle") == "a red circle"
+            and shapes.caption_of("orange", "square", size="large") == "a large orange square")
+    assert (shapes.caption_of("blue", "triangle", count=2, size="small", background="white")
+            == "two small blue triangles on a white background")
     assert shapes.caption_of("green", "circle", background="orange") == "a green circle on an orange background"
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -1093,7 +1194,8 @@ def test_caption_grammar_round_trips():
 def judge_accuracy(attributes, images):
     """The fraction of images whose every named attribute the judge reads back."""
     readings = shapes.judge(images)
-    return np.mean([all(r[k] == a[k] for k in ("colour", "shape", "count")) and a["background"] in (None, r["background"])
+    return np.mean([(all(r[k] == a[k] for k in ("colour", "shape", "count"))
+                     and a["background"] in (None, r["background"]))
                     for a, r in zip(attributes, readings)])
 
 
@@ -1108,7 +1210,8 @@ def test_judge_reads_fresh_drawings_and_their_pixel_vae_round_trip():
         latents = vae.encode(images * 2 - 1).latent_dist.sample()  # [B, 4, 16, 16]
         decoded = vae.decode(latents).sample / 2 + 0.5
     # the latent is the 2 x 2-averaged image in channels 0-2 (to float error), zero in channel 3
-    assert torch.allclose(latents[:, :3], torch.nn.functional.avg_pool2d(images * 2 - 1, 2), atol=1e-4) and latents[:, 3].abs().max() < 1e-4
+    assert (torch.allclose(latents[:, :3], torch.nn.functional.avg_pool2d(images * 2 - 1, 2), atol=1e-4)
+            and latents[:, 3].abs().max() < 1e-4)
     assert 10 * torch.log10(1 / (decoded - images).pow(2).mean()) > 25  # dB
     assert judge_accuracy(attributes, decoded) >= 0.95
 
@@ -1121,7 +1224,8 @@ def test_shapes_py_imports_nothing_from_the_project():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"diffexp", "rewards", "replicate"}
     strings = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
-    assert not any(re.search(r"import [^\n]*\bdiffexp\b", text) for text in strings)  # no code of the project in a string
+    # no code of the project in a string
+    assert not any(re.search(r"import [^\n]*\bdiffexp\b", text) for text in strings)
 
 
 def test_pretraining_is_deterministic_from_its_seed(tmp_path):
@@ -1130,14 +1234,16 @@ def test_pretraining_is_deterministic_from_its_seed(tmp_path):
     from safetensors.torch import load_file
 
     a, b = (load_file(tmp_path / n / "unet" / "diffusion_pytorch_model.safetensors") for n in ("a", "b"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and all(v.dtype == torch.float32 for v in a.values())
+    assert (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            and all(v.dtype == torch.float32 for v in a.values()))
 
 
 def test_shipped_shapes_model_loads_plainly_draws_and_is_small():
     """The first thing anyone does with a diffusers pipeline, exactly so: load it without a dtype and call it."""
     from diffusers import StableDiffusionPipeline
 
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(HERE, "shapes_model")) for f in files)
+    total = sum(os.path.getsize(os.path.join(d, f))
+                for d, _, files in os.walk(os.path.join(HERE, "shapes_model")) for f in files)
     assert total <= 20e6  # the fidelity scorer's weights included
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(HERE, "shapes_model"))
     pipe.set_progress_bar_config(disable=True)
@@ -1175,35 +1281,42 @@ def test_alignprop_fine_tuning_raises_the_colour_reward_on_held_out_prompts_and_
 
 @pytest.mark.parametrize("explore", [True, False])
 def test_ddpo_epoch_makes_its_better_than_average_samples_more_likely(explore, monkeypatch):
-    """DDPO's learning signal, where it is measurable on a CPU: after one ddpo_epoch on the shapes model (2 prompts drawn,
+    ("""DDPO's learning signal, where it is measurable on a CPU: after one ddpo_epoch on the shapes model """
+     """(2 prompts drawn,
     16 samples of each, fidelity, one update at the end), the epoch's above-average samples have become more likely
     relative to its below-average ones (sum of advantage x change in log pi > 0), for 3 seeds. Negated advantages
     inside the epoch, or a frozen LoRA, fail it. (DDPO raising a reward needs far more samples: see the README.) The
-    groups fill DDPO's per-prompt statistics at once: each prompt's buffer holds its 16 rewards."""
+    groups fill DDPO's per-prompt statistics at once: each prompt's buffer holds its 16 rewards.""")
     for seed in range(3):
-        args = diffexp.parse_args(["--method", "ddpo", "--model", "shapes", "--batch-size", "32", "--train-batch-size", "32",
-                                   "--lr", "1e-4", "--seed", str(seed), *UNUSED_OUT])
+        args = diffexp.parse_args(["--method", "ddpo", "--model", "shapes", "--batch-size", "32",
+                                   "--train-batch-size", "32", "--lr", "1e-4", "--seed", str(seed), *UNUSED_OUT])
         assert (args.samples_per_prompt, args.steps, args.reward) == (16, 10, "fidelity")
         torch.manual_seed(seed)
         p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
         p.scheduler.set_timesteps(args.steps)
         sampled, tracker = [], diffexp.PerPromptStatTracker(32, 16)
         real_sample_batch, real_update = diffexp.sample_batch, tracker.update
-        monkeypatch.setattr(diffexp, "sample_batch", lambda *a, **k: sampled.append(real_sample_batch(*a, **k)) or sampled[-1])
-        monkeypatch.setattr(tracker, "update", lambda prompts, rewards: advantages.append(real_update(prompts, rewards)) or advantages[-1])
+        monkeypatch.setattr(diffexp, "sample_batch", lambda *a, **k:
+                            sampled.append(real_sample_batch(*a, **k)) or sampled[-1])
+        monkeypatch.setattr(tracker, "update", lambda prompts, rewards:
+                            advantages.append(real_update(prompts, rewards)) or advantages[-1])
         advantages, lora = [], [q for q in p.unet.parameters() if q.requires_grad]
-        optimizer = torch.optim.AdamW(lora, lr=args.lr)  # Adam's first step moves every weight by lr: 1e-3 overshoots here
+        # Adam's first step moves every weight by lr: 1e-3 overshoots here
+        optimizer = torch.optim.AdamW(lora, lr=args.lr)
         reward = rewards.load_reward("fidelity", "cpu", torch.float32)
-        row, _ = diffexp.ddpo_epoch(p, reward, diffexp.load_prompts("shapes"), args, explore, diffexp.seeded_generator(seed, 1, 0),
-                                    optimizer, torch.amp.GradScaler("cpu", enabled=False), tracker, 1)
+        row, _ = diffexp.ddpo_epoch(p, reward, diffexp.load_prompts("shapes"), args, explore,
+                                    diffexp.seeded_generator(seed, 1, 0), optimizer,
+                                    torch.amp.GradScaler("cpu", enabled=False), tracker, 1)
         monkeypatch.undo()
-        assert row["skipped_updates"] == 0 and len(tracker.buffers) == 2 and all(len(b) == 16 for b in tracker.buffers.values())
+        assert (row["skipped_updates"] == 0 and len(tracker.buffers) == 2
+                and all(len(b) == 16 for b in tracker.buffers.values()))
         batch = {k: torch.cat([s[k] for s in sampled]) for k in ("latents", "log_probs", "scales")}
-        batch |= dict(cond={k: torch.cat([s["cond"][k] for s in sampled]) for k in sampled[0]["cond"]}, uncond=sampled[0]["uncond"],
-                      timesteps=p.scheduler.timesteps)
+        batch |= dict(cond={k: torch.cat([s["cond"][k] for s in sampled]) for k in sampled[0]["cond"]},
+                      uncond=sampled[0]["uncond"], timesteps=p.scheduler.timesteps)
         i, A = torch.arange(32), torch.as_tensor(advantages[0], dtype=torch.float32)
         with torch.no_grad():
-            new = torch.stack([diffexp.ddpo_log_prob(p, batch, i, torch.full((32,), s), args.eta) for s in range(args.steps)], dim=1)
+            new = torch.stack([diffexp.ddpo_log_prob(p, batch, i, torch.full((32,), s), args.eta)
+                               for s in range(args.steps)], dim=1)
         change = (new - batch["log_probs"]).sum(dim=1)  # [32]
         assert (A * change).sum() > 0, (seed, A, change)
 
@@ -1211,16 +1324,20 @@ def test_ddpo_epoch_makes_its_better_than_average_samples_more_likely(explore, m
 def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path):
     """`replicate.py` at a tiny size: 2 seeds x 2 arms run as `python diffexp.py` subprocesses; the tables, the final
     values and the paired differences are recomputed here from the runs' own log.jsonl files."""
-    small = ["--epochs", "3", "--batch-size", "4", "--micro-batch-size", "4", "--train-batch-size", "4", "--steps", "4", "--eval-every", "1"]
-    code = subprocess.run([sys.executable, os.path.join(HERE, "replicate.py"), "--method", "alignprop", "--seeds", "2", "--out", str(tmp_path), *small],
-                          capture_output=True, text=True, timeout=900)
+    small = ["--epochs", "3", "--batch-size", "4", "--micro-batch-size", "4", "--train-batch-size", "4", "--steps", "4",
+             "--eval-every", "1"]
+    code = subprocess.run([sys.executable, os.path.join(HERE, "replicate.py"), "--method", "alignprop", "--seeds", "2",
+                           "--out", str(tmp_path), *small], capture_output=True, text=True, timeout=900)
     assert code.returncode == 0, code.stderr[-3000:]
-    assert "[diffexp s1] epoch 3" in code.stdout and "[baseline s0] epoch 0" in code.stdout  # a progress line per run and epoch
+    # a progress line per run and epoch
+    assert "[diffexp s1] epoch 3" in code.stdout and "[baseline s0] epoch 0" in code.stdout
     assert {"curves.png", "diversity.png", "results.json"} <= set(os.listdir(tmp_path))
     results = json.load(open(tmp_path / "results.json"))
     assert replicate.markdown(results) in code.stdout  # what the README shows is what the file says
-    logs = {arm: [read_log(str(tmp_path / "runs" / f"{arm}-s{s}")) for s in range(2)] for arm in ("diffexp", "baseline")}
-    curve = lambda arm, metric: np.array([[r[metric] for r in log if metric in r] for log in logs[arm]])  # [seeds, points]
+    logs = {arm: [read_log(str(tmp_path / "runs" / f"{arm}-s{s}")) for s in range(2)]
+            for arm in ("diffexp", "baseline")}
+    curve = lambda arm, metric: np.array([[r[metric] for r in log if metric in r]
+                                          for log in logs[arm]])  # [seeds, points]
     for metric in ("reward_mean", "eval_unseen_fidelity", "eval_unseen_shapes_judge"):  # the judge beside the reward
         for arm in ("diffexp", "baseline"):
             assert results["curves"][f"{arm}/{metric}"]["per_seed"] == curve(arm, metric).tolist()
@@ -1234,12 +1351,17 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path)
         for arm in ("diffexp", "baseline"):
             firsts = [next((q for q, v in zip(queries, values) if v >= level), None) for values in curve(arm, metric)]
             hits = [q for q in firsts if q is not None]
-            assert row[arm]["reached"] == f"{len(hits)}/2" and row[arm]["queries"] == (pytest.approx(np.mean(hits)) if hits else None)
-    d = curve("diffexp", metric)[:, -1] - curve("baseline", metric)[:, -1]  # paired, per seed: 2 seeds, t(0.975, 1) = 12.706
+            assert (row[arm]["reached"] == f"{len(hits)}/2"
+                    and row[arm]["queries"] == (pytest.approx(np.mean(hits)) if hits else None))
+    # paired, per seed: 2 seeds, t(0.975, 1) = 12.706
+    d = curve("diffexp", metric)[:, -1] - curve("baseline", metric)[:, -1]
     paired = results["paired"][f"final {metric}"]
-    assert paired["mean"] == pytest.approx(d.mean()) and paired["high"] - paired["mean"] == pytest.approx(12.706 * d.std(ddof=1) / np.sqrt(2))
-    assert set(results["diversity"]) == {"plain", "diffexp"} and all(v["distinct_readings"] >= 1 for v in results["diversity"].values())
-    assert [r["explore"] for r in logs["diffexp"][0][1:]] == [True, True, True] and not any(r["explore"] for r in logs["baseline"][0][1:])
+    assert (paired["mean"] == pytest.approx(d.mean())
+            and paired["high"] - paired["mean"] == pytest.approx(12.706 * d.std(ddof=1) / np.sqrt(2)))
+    assert (set(results["diversity"]) == {"plain", "diffexp"}
+            and all(v["distinct_readings"] >= 1 for v in results["diversity"].values()))
+    assert ([r["explore"] for r in logs["diffexp"][0][1:]] == [True, True, True]
+            and not any(r["explore"] for r in logs["baseline"][0][1:]))
     # the two arms of a seed start from the same LoRA and draw the same noise: their first evaluation is identical
     assert curve("diffexp", metric)[:, 0].tolist() == curve("baseline", metric)[:, 0].tolist()
 
@@ -1251,10 +1373,12 @@ def draw_other_style(attributes, rng, size):
     from PIL import ImageDraw
 
     S = 4 * size
-    jitter = lambda name: tuple(int(round(255 * float(np.clip(c + rng.uniform(-0.07, 0.07), 0, 1)))) for c in shapes.PALETTE_RGB[name])
+    jitter = lambda name: tuple(int(round(255 * float(np.clip(c + rng.uniform(-0.07, 0.07), 0, 1))))
+                                for c in shapes.PALETTE_RGB[name])
     canvas = Image.new("RGB", (S, S), jitter(attributes["background"] or "grey"))
     pen, colour, n = ImageDraw.Draw(canvas), jitter(attributes["colour"]), attributes["count"]
-    lo, hi = {1: {"small": (0.09, 0.14), "": (0.10, 0.26), "large": (0.2, 0.29)}, 2: {"small": (0.09, 0.13), "": (0.1, 0.16), "large": (0.15, 0.18)}}[n][attributes["size"]]
+    lo, hi = {1: {"small": (0.09, 0.14), "": (0.10, 0.26), "large": (0.2, 0.29)},
+              2: {"small": (0.09, 0.13), "": (0.1, 0.16), "large": (0.15, 0.18)}}[n][attributes["size"]]
     while True:  # non-overlapping positions
         r = rng.uniform(lo, hi, size=n) * S
         margin = 1.15 * r + 0.03 * S
@@ -1269,8 +1393,10 @@ def draw_other_style(attributes, rng, size):
             pen.polygon([(cx + h * (math.cos(a) * u - math.sin(a) * v), cy + h * (math.sin(a) * u + math.cos(a) * v))
                          for u, v in ((-1, -1), (1, -1), (1, 1), (-1, 1))], fill=colour)
         else:
-            pen.polygon([(cx, cy - 1.1 * rr), (cx - 1.05 * rr, cy + 0.8 * rr), (cx + 1.05 * rr, cy + 0.8 * rr)], fill=colour)
-    return torch.from_numpy(np.asarray(canvas.resize((size, size), Image.LANCZOS)).copy()).permute(2, 0, 1).float() / 255  # HWC -> CHW
+            pen.polygon([(cx, cy - 1.1 * rr), (cx - 1.05 * rr, cy + 0.8 * rr), (cx + 1.05 * rr, cy + 0.8 * rr)],
+                        fill=colour)
+    return (torch.from_numpy(np.asarray(canvas.resize((size, size), Image.LANCZOS)).copy())
+            .permute(2, 0, 1).float() / 255)  # HWC -> CHW
 
 
 def caption_ranking(fn, images, attributes):
@@ -1307,10 +1433,12 @@ def test_fidelity_agrees_with_the_judge_on_the_shipped_models_samples():
     p.scheduler.set_timesteps(20)
     prompts = (diffexp.load_prompts("shapes") + diffexp.load_prompts("unseen_shapes")) * 2
     with torch.no_grad():
-        images = torch.cat([diffexp.sample_batch(p, prompts[k : k + 32], torch.Generator().manual_seed(k), w_high=7.5, eta=0.0)["images"]
+        images = torch.cat([diffexp.sample_batch(p, prompts[k : k + 32], torch.Generator().manual_seed(k),
+                                                 w_high=7.5, eta=0.0)["images"]
                             for k in range(0, len(prompts), 32)])
         fidelity = rewards.load_reward("fidelity", "cpu", torch.float32)(images, prompts)
-    whole = [all(r[k] == v for k, v in shapes.parse_caption(c).items() if v is not None) for c, r in zip(prompts, shapes.judge(images))]
+    whole = [all(r[k] == v for k, v in shapes.parse_caption(c).items() if v is not None)
+             for c, r in zip(prompts, shapes.judge(images))]
     assert abs(fidelity.mean().item() - np.mean(whole)) <= 0.1, (fidelity.mean().item(), np.mean(whole))
     assert 0 <= fidelity.min() and fidelity.max() <= 1
 
@@ -1318,7 +1446,8 @@ def test_fidelity_agrees_with_the_judge_on_the_shipped_models_samples():
 def test_fidelity_is_differentiable_and_its_scorer_trains_deterministically(tmp_path):
     fidelity = rewards.load_reward("fidelity", "cpu", torch.float32)
     assert fidelity.differentiable and not any(p.requires_grad for net in fidelity.networks for p in net.parameters())
-    x = torch.from_numpy(shapes.draw(dict(colour="red", shape="circle", count=1, size="", background=None), np.random.default_rng(0)))[None]
+    x = torch.from_numpy(shapes.draw(dict(colour="red", shape="circle", count=1, size="", background=None),
+                                     np.random.default_rng(0)))[None]
     x.requires_grad_(True)
     fidelity(x, ["a red circle"]).sum().backward()
     assert x.grad.abs().sum() > 0
@@ -1335,12 +1464,15 @@ def test_runs_on_a_shapes_reward_are_also_read_by_the_judge(tmp_path, capsys):
     """The judge scores every evaluation of a shapes-world reward, in the log and in the grids' captions: a reward that
     rises while the judge falls is being hacked."""
     run = str(tmp_path / "run")
-    diffexp.main(["--method", "alignprop", "--reward", "colour", "--model", "shapes", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
-                  "--train-batch-size", "4", "--epochs", "1", "--eval-every", "1", "--out", run])
+    diffexp.main(["--method", "alignprop", "--reward", "colour", "--model", "shapes", "--steps", "2",
+                  "--batch-size", "4", "--micro-batch-size", "4", "--train-batch-size", "4", "--epochs", "1",
+                  "--eval-every", "1", "--out", run])
     rows = read_log(run)
-    assert all({"eval_seen_colour", "eval_unseen_colour", "eval_seen_shapes_judge", "eval_unseen_shapes_judge"} <= set(r) for r in rows)
+    assert all({"eval_seen_colour", "eval_unseen_colour", "eval_seen_shapes_judge", "eval_unseen_shapes_judge"}
+               <= set(r) for r in rows)
     assert "eval_unseen_shapes_judge" in capsys.readouterr().out.splitlines()[-1]  # the summary line too
-    args = diffexp.parse_args(["--model", "shapes", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "4", "--train-batch-size", "4", *UNUSED_OUT])
+    args = diffexp.parse_args(["--model", "shapes", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
+                               "--train-batch-size", "4", *UNUSED_OUT])
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(2)
     fns = {name: rewards.load_reward(name, "cpu", torch.float32) for name in ("fidelity", "shapes_judge")}
@@ -1378,15 +1510,18 @@ def test_queries_are_counted_only_to_a_gain_beyond_the_seeds_spread():
 
 
 def test_a_published_curve_reproduces_from_the_committed_code(tmp_path):
-    """Seed 0 of the baseline arm of the published AlignProp replication, rerun at its committed settings as replicate.py
+    ("""Seed 0 of the baseline arm of the published AlignProp replication, rerun at its committed settings as """
+     """replicate.py
     runs it (one thread) up to its first evaluation after epoch 0, gives the committed numbers: the training reward of
-    each epoch and the evaluation of the reward and the judge (bit-identical here; to 1e-5, for another CPU's kernels)."""
+    each epoch and the evaluation of the reward and the judge """
+     """(bit-identical here; to 1e-5, for another CPU's kernels).""")
     results = json.load(open(os.path.join(HERE, "figures", "headline_alignprop.json")))
     settings = results["settings"]
     epochs = settings[settings.index("--eval-every") + 1]
     run = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "diffexp.py"), "--model", "shapes", "--seed", "0", *settings, "--no-explore",
-                           "--epochs", epochs, "--out", run], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "diffexp.py"), "--model", "shapes", "--seed", "0",
+                           *settings, "--no-explore", "--epochs", epochs, "--out", run],
+                          capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_log(run)
@@ -1509,7 +1644,8 @@ def test_aesthetic_head_of_another_shape_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFEXP_AESTHETIC_HEAD", str(path))
     with pytest.raises(ValueError, match="not the LAION aesthetic predictor"):
         rewards.load_reward("aesthetic", "cpu", torch.float32)
-    head = {k: torch.zeros_like(v) for k, v in rewards._aesthetic_mlp(512).state_dict().items()}  # a ViT-B/32 head: 512 inputs
+    # a ViT-B/32 head: 512 inputs
+    head = {k: torch.zeros_like(v) for k, v in rewards._aesthetic_mlp(512).state_dict().items()}
     torch.save(head, path)
     with pytest.raises(ValueError, match="takes 512 inputs, not the 768 of CLIP ViT-L/14"):
         rewards.load_reward("aesthetic", "cpu", torch.float32)
@@ -1578,18 +1714,22 @@ def build_sd15(path, sample_size):
     unet = UNet2DConditionModel(sample_size=sample_size, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                                 cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                                                projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12,
+                                                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
     with torch.no_grad():  # keep a random decoder's images inside [-1, 1], where decode_latents' clamp passes
         vae.decoder.conv_out.weight *= 1e-3  # gradients to the LoRA: the last layer is scaled down (same architecture)
     counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text_encoder)]
     assert [round(c / 1e6, 1) for c in counts] == [859.5, 83.7, 123.1]  # SD 1.5's published parameter counts
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
-                              set_alpha_to_one=False)  # as the hub's SD 1.5; load_pipeline swaps in DDIM
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=shapes.clip_tokenizer(), unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    # as the hub's SD 1.5; load_pipeline swaps in DDIM
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=shapes.clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(path)
 
 
@@ -1615,12 +1755,15 @@ def build_reward_hub(cache):
               snapshot("timm/vit_large_patch14_clip_224.openai") / "open_clip_model.safetensors")
     del vit_l
     vit_h = open_clip.create_model("ViT-H-14", pretrained=None)  # HPS v2.1's architecture
-    torch.save(dict(state_dict={k: v.half() for k, v in vit_h.state_dict().items()}), snapshot("xswu/HPSv2") / "HPS_v2.1_compressed.pt")
+    torch.save(dict(state_dict={k: v.half() for k, v in vit_h.state_dict().items()}),
+               snapshot("xswu/HPSv2") / "HPS_v2.1_compressed.pt")
     del vit_h
-    text = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, hidden_act="gelu")
-    vision = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, patch_size=14, image_size=224,
-                  hidden_act="gelu")
-    pickscore = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=1024))  # CLIP ViT-H/14, as PickScore_v1
+    text = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                hidden_act="gelu")
+    vision = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, patch_size=14,
+                  image_size=224, hidden_act="gelu")
+    # CLIP ViT-H/14, as PickScore_v1
+    pickscore = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=1024))
     assert round(sum(p.numel() for p in pickscore.parameters()) / 1e6) == 986
     pickscore.to(torch.float16).save_pretrained(snapshot("yuvalkirstain/PickScore_v1"))
     del pickscore
@@ -1630,22 +1773,27 @@ def build_reward_hub(cache):
 
 
 def test_full_size_sd15_and_reward_models_train_end_to_end(tmp_path):
-    """One AlignProp epoch with the hps+aesthetic+pickscore ensemble and one DDPO epoch with PickScore, through the CLI,
-    on SD 1.5's architecture (at 256 px, 2 steps) with the reward models' real architectures. About 10 minutes on 2 cores."""
+    ("""One AlignProp epoch with the hps+aesthetic+pickscore ensemble and one DDPO epoch with PickScore, """
+     """through the CLI,
+    on SD 1.5's architecture (at 256 px, 2 steps) with the reward models' real architectures. """
+     """About 10 minutes on 2 cores.""")
     build_sd15(tmp_path / "sd15", sample_size=32)
     build_reward_hub(tmp_path / "hub")
     env = dict(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
-    small = ["--model", str(tmp_path / "sd15"), "--steps", "2", "--micro-batch-size", "1", "--epochs", "1", "--eval-every", "0"]
+    small = ["--model", str(tmp_path / "sd15"), "--steps", "2", "--micro-batch-size", "1", "--epochs", "1",
+             "--eval-every", "0"]
     # DDPO needs two samples: the advantage of a lone sample, (r - mean) / std, is 0
     for method, reward, n in (("alignprop", "hps+aesthetic+pickscore", "1"), ("ddpo", "pickscore", "2")):
         run = str(tmp_path / method)
-        code, out, err = run_cli("--method", method, "--reward", reward, *small, "--batch-size", n, "--train-batch-size", n,
-                                 "--out", run, env=env)
+        code, out, err = run_cli("--method", method, "--reward", reward, *small, "--batch-size", n,
+                                 "--train-batch-size", n, "--out", run, env=env)
         assert code == 0, err[-3000:]
         row = read_log(run)[-1]
-        assert row["epoch"] == 1 and row["skipped_updates"] == 0 and math.isfinite(row["reward_mean"]) and math.isfinite(row["loss"])
+        assert (row["epoch"] == 1 and row["skipped_updates"] == 0 and math.isfinite(row["reward_mean"])
+                and math.isfinite(row["loss"]))
         trained = lora_weights(run)
-        assert len(trained) == 4 * 2 * 32 and any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k or "lora.up" in k)
+        assert (len(trained) == 4 * 2 * 32
+                and any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k or "lora.up" in k))
 
 
 def measure_memory(Ks=(1, 10, 50), resolution=512, small=256):
@@ -1667,7 +1815,8 @@ def measure_memory(Ks=(1, 10, 50), resolution=512, small=256):
         pipe = diffexp.load_pipeline(d, 4, "cpu", torch.float32)
     clip = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True).eval().requires_grad_(False)
     head = rewards._aesthetic_mlp(768).eval().requires_grad_(False)
-    reward = lambda images, prompts: head(torch.nn.functional.normalize(clip.encode_image(rewards.clip_preprocess(images, 224)), dim=-1))
+    reward = lambda images, prompts: head(torch.nn.functional.normalize(
+        clip.encode_image(rewards.clip_preprocess(images, 224)), dim=-1))
 
     def saved(run):
         storages = {}
@@ -1681,10 +1830,12 @@ def measure_memory(Ks=(1, 10, 50), resolution=512, small=256):
         return sum(storages.values())
 
     mb = 2 ** 20
-    frozen = {name: sum(p.numel() for p in getattr(pipe, name).parameters() if not p.requires_grad) for name in ("unet", "vae", "text_encoder")}
+    frozen = {name: sum(p.numel() for p in getattr(pipe, name).parameters() if not p.requires_grad)
+              for name in ("unet", "vae", "text_encoder")}
     lora = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
-    print(f"parameters: frozen {frozen} (fp32 {4 * sum(frozen.values()) / mb:.0f} MB, bf16 {2 * sum(frozen.values()) / mb:.0f} MB), "
-          f"LoRA {lora} ({4 * lora / mb:.1f} MB fp32, with AdamW's two moments {12 * lora / mb:.1f} MB); aesthetic reward "
+    print(f"parameters: frozen {frozen} (fp32 {4 * sum(frozen.values()) / mb:.0f} MB, "
+          f"bf16 {2 * sum(frozen.values()) / mb:.0f} MB), LoRA {lora} ({4 * lora / mb:.1f} MB fp32, "
+          f"with AdamW's two moments {12 * lora / mb:.1f} MB); aesthetic reward "
           f"{sum(p.numel() for p in clip.parameters()) + sum(p.numel() for p in head.parameters())} parameters")
     settings = dict(w_high=7.5, eta=0.0)
     for K, checkpoint in [(K, True) for K in Ks] + [(1, False)]:
@@ -1692,15 +1843,16 @@ def measure_memory(Ks=(1, 10, 50), resolution=512, small=256):
             resolution = small
             pipe.unet.register_to_config(sample_size=small // 8)  # the latent size sample_batch draws
         pipe.scheduler.set_timesteps(K)  # steps before the last K save nothing (tested above), so K steps suffice
-        run = lambda: reward(diffexp.sample_batch(pipe, ["a photo of a cat"], torch.Generator().manual_seed(0), backprop_steps=K,
-                                                  checkpoint=checkpoint, **settings)["images"], None)
+        run = lambda: reward(diffexp.sample_batch(pipe, ["a photo of a cat"], torch.Generator().manual_seed(0),
+                                                  backprop_steps=K, checkpoint=checkpoint, **settings)["images"], None)
         print(f"AlignProp, 1 image at {resolution} px, K = {K}, checkpointing {'on' if checkpoint else 'off'}: "
               f"{saved(run) / mb:.0f} MB saved for backward", flush=True)
     pipe.scheduler.set_timesteps(2)
     with torch.no_grad():
         batch = diffexp.sample_batch(pipe, ["a photo of a cat"], torch.Generator().manual_seed(0), w_high=5.0, eta=1.0)
     step = lambda: diffexp.ddpo_log_prob(pipe, batch, torch.tensor([0]), torch.tensor([1]), 1.0)
-    print(f"DDPO, 1 image at {resolution} px, one training step (CFG: 2 UNet passes): {saved(step) / mb:.0f} MB saved for backward")
+    print(f"DDPO, 1 image at {resolution} px, one training step (CFG: 2 UNet passes): "
+          f"{saved(step) / mb:.0f} MB saved for backward")
 
 
 def measure_gpu_memory():
@@ -1715,7 +1867,8 @@ def measure_gpu_memory():
 
     work = tempfile.mkdtemp()
     build_sd15(os.path.join(work, "sd15"), sample_size=64)
-    for repo, name in ((rewards.AESTHETIC_HEAD_REPO, rewards.AESTHETIC_HEAD_FILE), ("timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors")):
+    for repo, name in ((rewards.AESTHETIC_HEAD_REPO, rewards.AESTHETIC_HEAD_FILE),
+                       ("timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors")):
         folder = os.path.join(work, "hub", f"models--{repo.replace('/', '--')}")
         os.makedirs(os.path.join(folder, "refs"))
         os.makedirs(os.path.join(folder, "snapshots", "0" * 40))
@@ -1744,6 +1897,8 @@ def gpu_peaks(work):
     for name, argv in configs.items():
         torch.cuda.reset_peak_memory_stats()
         start, n = time.time(), "2" if "alignprop" in name else "4"  # one micro-batch of the method's default size
-        diffexp.main(["--model", os.path.join(work, "sd15"), "--reward", "aesthetic", "--epochs", "1", "--eval-every", "0", "--save-every", "0",
-                      "--batch-size", n, "--train-batch-size", n, *argv, "--out", os.path.join(work, name.replace(" ", "_").replace("=", ""))])
-        print(f"{name}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, {time.time() - start:.0f} s", flush=True)
+        diffexp.main(["--model", os.path.join(work, "sd15"), "--reward", "aesthetic", "--epochs", "1",
+                      "--eval-every", "0", "--save-every", "0", "--batch-size", n, "--train-batch-size", n, *argv,
+                      "--out", os.path.join(work, name.replace(" ", "_").replace("=", ""))])
+        print(f"{name}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, {time.time() - start:.0f} s",
+              flush=True)
