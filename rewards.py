@@ -13,6 +13,9 @@ Names:
   fidelity              the shapes world's PickScore: how well the image shows everything its caption names, the
                         product of a small learned CNN's probabilities of the named colour, shape, count and
                         background (if named), in [0, 1] (differentiable, prompt-dependent)
+  bold                  the shapes world's aesthetic score, a style the caption does not ask for: one shape of the
+                        named colour drawn large (as large as the grammar's "large"), on a clean background of the
+                        colour the caption names (grey if none), in [0, 1] (differentiable; captions of one shape)
   colour                the shapes world's: the fraction of the image that shows the colour the prompt names
                         (soft nearest-palette colour per pixel; differentiable; hacked by fields of colour)
   shapes_judge          the shapes world's: the fraction of the prompt's attributes (colour, shape, count, and the
@@ -44,10 +47,15 @@ from torch import nn
 # Typical magnitude of each reward on SD 1.5 samples: ours, rough round values, not tuned (the paper
 # does not state how it combines rewards). Only these rewards may join an ensemble.
 TYPICAL_SCALE = {"aesthetic": 5.5, "pickscore": 21.0, "hps": 0.28}
-SHAPES_WORLD = ("fidelity", "colour", "shapes_judge")  # they read captions of shapes.py; the judge checks the others
-DIFFERENTIABLE = tuple(TYPICAL_SCALE) + ("fidelity", "colour")
+SHAPES_WORLD = ("bold", "fidelity", "colour", "shapes_judge")  # they read captions of shapes.py; the judge reads all
+DIFFERENTIABLE = tuple(TYPICAL_SCALE) + ("bold", "fidelity", "colour")
 REWARDS = DIFFERENTIABLE + ("jpeg", "jpeg_compressibility", "imagereward", "shapes_judge")
 COLOUR_TEMPERATURE = 0.02  # of the per-pixel softmax over palette colours; their squared distances are >= 0.2
+# bold (ours): a shape stops gaining once it is as large as the smallest shape the grammar calls "large" (radius 7);
+# a pixel is clean within BOLD_TOLERANCE (RGB distance) of the colour it should have, the drawings' colour jitter,
+# and its cleanliness then falls as 1 / (1 + (excess / BOLD_SCALE)^2), a heavy tail so that gradients reach far-off
+# pixels too.
+BOLD_RADIUS, BOLD_TOLERANCE, BOLD_SCALE = 7.0, 0.08, 0.05
 
 # Public hub copy of the LAION file (github.com/christophschuhmann/improved-aesthetic-predictor).
 AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
@@ -78,7 +86,22 @@ def check_reward(name, need_grad=False):
         raise ValueError(f"DIFFEXP_AESTHETIC_HEAD={head} is not a file; point it to {AESTHETIC_HEAD_FILE} or unset it")
     if need_grad and not all(m in DIFFERENTIABLE for m in members):
         raise ValueError(f"{name} is not differentiable; AlignProp needs a differentiable reward "
-                         f"(aesthetic, pickscore, hps, fidelity, colour or an ensemble of the first three)")
+                         f"(aesthetic, pickscore, hps, bold, fidelity, colour or an ensemble of the first three)")
+
+
+def check_prompt(name, prompt):
+    """Raise ValueError if reward `name` cannot score `prompt`: the shapes world's rewards read captions of its grammar,
+    and bold only those of one shape whose size is unsaid or large. Returns the caption's attributes (or None)."""
+    if name not in SHAPES_WORLD:
+        return None
+    import shapes
+    wanted = shapes.parse_caption(prompt)
+    if name == "bold" and (wanted["count"] != 1 or "small" in prompt.lower().replace(",", " ").split()):
+        raise ValueError(f"bold rewards one large shape, and prompt {prompt!r} asks for two or a small one; use "
+                         "captions like 'a red circle' or 'a red circle on a white background' (prompts.txt's [bold]).")
+    if wanted["colour"] == wanted["background"]:
+        raise ValueError(f"prompt {prompt!r} asks for a shape in the colour of its background: nothing to see.")
+    return wanted
 
 
 def load_reward(name, device, dtype, tiny=False):
@@ -363,6 +386,51 @@ def _fidelity(device, dtype, tiny):
     return fn
 
 
+def _bold(device, dtype, tiny):
+    import shapes
+    names = list(shapes.PALETTE_RGB)
+
+    def solid(coverage):  # [B, H, W]: ~1 where a 3 x 3 box blur of the coverage exceeds 1/2: isolated specks vanish
+        blurred = F.avg_pool2d(F.pad(coverage[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)[:, 0]
+        return torch.sigmoid((blurred - 0.5) / 0.05)
+
+    def clean(distance):  # 1 within the tolerance, then a heavy tail
+        return 1 / (1 + (F.relu(distance - BOLD_TOLERANCE) / BOLD_SCALE) ** 2)
+
+    # each shape's solid area at the radius where bold stops rising, as a fraction of the image
+    full = {s: solid(torch.from_numpy(shapes.coverage(s, 16, 16, BOLD_RADIUS)).float()[None]).mean().item()
+            for s in shapes.SHAPES}
+    ring = torch.ones(shapes.RESOLUTION, shapes.RESOLUTION, dtype=torch.bool, device=device)
+    ring[1:-1, 1:-1] = False  # the outermost pixels, which every drawing leaves to the background
+
+    def fn(images, prompts):
+        _check_inputs(images, prompts)
+        wanted = [check_prompt("bold", p) for p in prompts]
+        x = images.float()
+        if x.shape[-2:] != ring.shape:  # read at the shapes' own 32 x 32, as the judge does
+            x = F.interpolate(x, size=ring.shape, mode="area")
+        palette = shapes.PALETTE.to(images.device)
+        colour = palette[[names.index(w["colour"]) for w in wanted]][:, :, None, None]  # [B, 3, 1, 1]
+        background = palette[[names.index(w["background"] or "grey") for w in wanted]][:, :, None, None]
+        # 1. Coverage: each pixel as a mix (1 - a) background + a colour (an anti-aliased edge is a partial mix),
+        #    counted only as far as it lies on that mix: another colour is no coverage.
+        d = colour - background
+        a = (((x - background) * d).sum(1) / d.pow(2).sum(1)).clamp(0, 1)  # [B, H, W]
+        coverage = a * clean((x - background - a[:, None] * d).norm(dim=1))
+        # 2. Size: the solid part's area, up to the area of the named shape at BOLD_RADIUS.
+        shape = solid(coverage)  # [B, H, W]
+        size = (shape.mean(dim=(1, 2)) / torch.tensor([full[w["shape"]] for w in wanted], device=x.device)).clamp(max=1)
+        # 3. A clean background: the pixels beyond a pixel of the shape are the background colour (no tint, no specks
+        #    of any colour), and so is the outermost ring (no frame, no image filled with the colour).
+        near_background = clean((x - background).norm(dim=1))  # [B, H, W]
+        away = 1 - F.max_pool2d(shape[:, None], 3, stride=1, padding=1)[:, 0]
+        tidy = (away * near_background).sum(dim=(1, 2)) / away.sum(dim=(1, 2)).clamp(min=1e-6)
+        return size * tidy * near_background[:, ring].mean(dim=1)
+
+    fn.networks = ()
+    return fn
+
+
 def _shapes_judge(device, dtype, tiny):
     import shapes
 
@@ -381,4 +449,4 @@ def _shapes_judge(device, dtype, tiny):
 
 _LOADERS = {"aesthetic": _aesthetic, "pickscore": _pickscore, "hps": _hps, "jpeg": _jpeg,
             "jpeg_compressibility": _jpeg_compressibility, "imagereward": _imagereward, "fidelity": _fidelity,
-            "colour": _colour, "shapes_judge": _shapes_judge}
+            "bold": _bold, "colour": _colour, "shapes_judge": _shapes_judge}
