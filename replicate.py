@@ -1,17 +1,18 @@
 """The paper's headline on a CPU: DiffExp against its baseline in the shapes world, over several seeds.
 
-    python replicate.py --method alignprop --seeds 5                 # DiffExp vs AlignProp on the fidelity reward
-    python replicate.py --method ddpo --seeds 5                      # DiffExp vs DDPO
-    python replicate.py --method alignprop --ablation eq7 --seeds 5  # Eq. 7 alone (alpha = 1); eq8: Eq. 8 alone
-    python replicate.py --method alignprop --reward colour --seeds 3 # a reward that is hacked: watch the judge fall
-    python replicate.py --redraw figures/headline_alignprop.json     # the figures and README tables of a results file
-    python replicate.py --plot runs/RUN_A runs/RUN_B                 # reward curves of any diffexp.py runs (Fig. 4)
+    python replicate.py --method alignprop --reward bold --seeds 5         # DiffExp vs AlignProp on the style reward
+    python replicate.py --method ddpo --reward bold --seeds 3              # DiffExp vs DDPO, at its shapes defaults
+    python replicate.py --method alignprop --ablation eq7 --seeds 3        # Eq. 7 alone (alpha = 1); eq8: Eq. 8 alone
+    python replicate.py --method alignprop --ablation t600 --seeds 3       # Eq. 7 on 8 of 20 steps (t600, t800)
+    python replicate.py --method ddpo --peer trl --seeds 3 --epochs 16     # our DDPO beside TRL's DDPOTrainer
+    python replicate.py --method alignprop --reward fidelity --seeds 5     # the harder task (its published settings)
+    python replicate.py --redraw figures/headline_alignprop-bold.json      # a results file's figures and tables again
+    python replicate.py --plot runs/RUN_A runs/RUN_B                       # reward curves of any diffexp.py runs
 
 Each arm and seed is a `python diffexp.py --model shapes` run (one thread each, two at a time), with identical
 settings and seeds for DiffExp and its baseline (`--no-explore`): same LoRA initialisation, prompts and noise where
 the samplers allow, so that the per-seed difference is the quantity to report. Writes results.json (every curve per
-seed, the settings, the tables, the diversity numbers), curves.png and diversity.png into --out. Any other flag goes
-to diffexp.py for both arms (e.g. --epochs 30).
+seed, the settings, the tables, the diversity numbers), curves.png and diversity.png into --out.
 """
 
 import argparse
@@ -27,33 +28,58 @@ import numpy as np
 import torch
 
 import diffexp
+import rewards
 import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Per method, the runs' size (ours): chosen so that 5 seeds of both arms fit about 45 minutes on 2 cores.
+# Per method and reward, the runs' settings (ours), given to both arms on top of the shapes model's defaults. Other
+# rewards (fidelity, colour) take the method's: the settings of their published runs, on the whole grammar's prompts.
+GRAMMAR = ["--prompts", "shapes", "--eval-prompts", "unseen_shapes", "--epochs", "16", "--eval-every", "2"]
 SETTINGS = {
-    "ddpo": ["--epochs", "16", "--eval-every", "2"],
-    "alignprop": ["--epochs", "16", "--eval-every", "2"],
+    ("alignprop", "bold"): ["--epochs", "12", "--batch-size", "32", "--eval-every", "1"],
+    ("ddpo", "bold"): [],  # the shapes model's DDPO defaults: its quick start's runs
+    "alignprop": [*GRAMMAR, "--batch-size", "32", "--steps", "20", "--train-batch-size", "16"],
+    "ddpo": [*GRAMMAR, "--batch-size", "64", "--samples-per-prompt", "16", "--steps", "10", "--train-batch-size", "32",
+             "--lr", "0.0003"],
 }
-ABLATIONS = {"eq7": ["--alpha-max", "1"], "eq8": ["--t-thres", "999"]}  # DiffExp in part: alpha = 1, or no t > 999
+PEERS = {"trl": "TRL's DDPOTrainer"}  # replicate.py --peer trl: a peer implementation in place of the DiffExp arm
+# DiffExp in part, or otherwise, flags of its arm alone: Eq. 7 only (alpha = 1), Eq. 8 only (no t > 999), Eq. 7 on
+# more steps (t > 800: 4 of 20, t > 600: 8 of 20, where t > 900 touches 2)
+ABLATIONS = {"eq7": ["--alpha-max", "1"], "eq8": ["--t-thres", "999"], "t800": ["--t-thres", "800"],
+             "t600": ["--t-thres", "600"]}
 LEVELS = (0.5, 0.75, 0.9)  # fractions of the baseline's final gain
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student's t
-DIVERSITY_PROMPTS = 6  # the plain "a COLOUR SHAPE" prompts of [unseen_shapes]; 16 samples each
+DIVERSITY_PROMPTS = 6  # the first prompts of --eval-prompts (the plain "a COLOUR SHAPE" ones); 16 samples each
 
 
 def run_in_parallel(commands, parallel):
-    """Run {name: (argv, run_dir)} as `python diffexp.py` subprocesses with one thread each, `parallel` at a time,
-    printing each run's epochs as its log grows."""
-    pending, running, shown = list(commands.items()), {}, {}
+    """Run {name: (script, argv, run_dir)} as `python SCRIPT ARGV --out RUN_DIR` subprocesses with one thread each,
+    `parallel` at a time, printing each run's epochs as its log grows. A run that finished here before with the same
+    script and arguments (its RUN_DIR.done says so) is not run again: a replication continues after a crash, and
+    replications whose baseline arms are the same runs (an ablation's and its replication's) can share them."""
+    pending, running, shown = [], {}, {}
+    for name, (script, argv, run_dir) in commands.items():
+        try:
+            with open(run_dir + ".done") as f:
+                done = json.load(f) == [script, argv]  # as written below, when the run finished
+        except (OSError, ValueError):
+            done = False
+        if done:
+            print(f"[{name}] ran before with these arguments: {run_dir}", flush=True)
+        else:
+            pending.append(name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
         while pending or running:
             while pending and len(running) < parallel:
-                name, (argv, run_dir) = pending.pop(0)
+                name = pending.pop(0)
+                script, argv, run_dir = commands[name]
+                if os.path.exists(run_dir + ".done"):  # a previous run with other arguments: no longer done
+                    os.remove(run_dir + ".done")
                 shutil.rmtree(run_dir, ignore_errors=True)  # a previous replicate's run: its log must not be reported
                 os.makedirs(os.path.dirname(run_dir), exist_ok=True)
                 with open(run_dir + ".out", "w") as out:
-                    command = [sys.executable, os.path.join(HERE, "diffexp.py"), *argv, "--out", run_dir]
+                    command = [sys.executable, os.path.join(HERE, script), *argv, "--out", run_dir]
                     running[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env), run_dir
             time.sleep(2)
             for name, (proc, run_dir) in list(running.items()):
@@ -65,6 +91,8 @@ def run_in_parallel(commands, parallel):
                 if proc.poll() is not None:
                     if proc.returncode:
                         raise RuntimeError(f"run {name} failed; its output is in {run_dir}.out")
+                    with open(run_dir + ".done", "w") as f:
+                        json.dump(commands[name][:2], f)  # [script, argv]
                     del running[name]
     finally:  # one run failed, or Ctrl-C: stop the others
         for proc, _ in running.values():
@@ -95,48 +123,49 @@ def paired(differences):
 
 
 def summarise(logs, method, reward, settings):
-    """results.json's content from the runs' logs {arm: [rows of seed 0, rows of seed 1, ...]}: the curves (training
-    reward, and the evaluation on unseen prompts of the reward and of the judge) per seed with their mean and std; for
-    50/75/90% of the baseline's final gain (mean curve), the queries each arm first reaches it, averaged over the seeds
-    that do (counted whatever the gain: markdown() says "no gain" where it is within the seeds' spread); final values;
-    and the per-seed paired differences, DiffExp minus baseline, with 95% intervals."""
+    """results.json's content from the runs' logs {arm: [rows of seed 0, rows of seed 1, ...]}, the compared arm first
+    ("diffexp", or a peer), then "baseline": the curves (training reward, and the evaluation on unseen prompts of the
+    reward and of the judge) per seed with their mean and std, and what derive() computes from them."""
     seeds = len(logs["baseline"])
     judge = ["eval_unseen_shapes_judge"] if reward != "shapes_judge" else []
-    metrics = ["reward_mean", f"eval_unseen_{reward}", *judge]
-    results = dict(method=method, reward=reward, seeds=seeds, settings=settings, arms=list(logs), curves={}, table={},
-                   final={}, paired={})
+    results = dict(method=method, reward=reward, seeds=seeds, settings=settings, arms=list(logs), curves={})
     for arm, arm_logs in logs.items():
-        for metric in metrics:
+        for metric in ["reward_mean", f"eval_unseen_{reward}", *judge]:
             queries = [r["reward_queries"] for r in arm_logs[0] if metric in r]
             values = np.array([[r[metric] for r in log if metric in r] for log in arm_logs])  # [seeds, points]
             results["curves"][f"{arm}/{metric}"] = dict(queries=queries, per_seed=values.tolist(),
                                                         mean=values.mean(0).tolist(), std=values.std(0).tolist())
-            results["final"][f"{arm}/{metric}"] = dict(mean=float(values[:, -1].mean()), std=float(values[:, -1].std()))
-    reached = {}  # (metric, fraction, arm) -> queries per seed (None: never)
-    for metric in metrics[:2]:
-        base = results["curves"][f"baseline/{metric}"]
-        start, end = base["mean"][0], base["mean"][-1]
-        rows = []
+    return derive(results)
+
+
+def derive(results):
+    """The statistics of a results file, from its curves alone: the final values (mean and std over seeds); for
+    50/75/90% of the baseline's gain (its mean curve, start to end), the queries at which each arm's seeds first reach
+    it, their mean over the seeds that do and the per-seed ratio compared / baseline with its 95% interval (counted
+    whatever the gain: markdown() says "no gain" where it is within the seeds' spread); and the per-seed paired
+    differences of the final values, compared arm minus baseline, with 95% intervals."""
+    arm, reward, seeds = results["arms"][0], results["reward"], results["seeds"]
+    metrics = [key.split("/")[1] for key in results["curves"] if key.startswith("baseline/")]
+    results |= dict(table={}, final={}, paired={})
+    for key, curve in results["curves"].items():
+        last = np.array(curve["per_seed"])[:, -1]
+        results["final"][key] = dict(mean=float(last.mean()), std=float(last.std()))
+    for metric in ("reward_mean", f"eval_unseen_{reward}"):
+        base, rows = results["curves"][f"baseline/{metric}"]["mean"], []
         for fraction in LEVELS:
-            level, row = start + fraction * (end - start), {}
-            for arm in logs:
-                curve = results["curves"][f"{arm}/{metric}"]
+            level, row = base[0] + fraction * (base[-1] - base[0]), {}
+            for name in results["arms"]:
+                curve = results["curves"][f"{name}/{metric}"]
                 firsts = [first_reach(curve["queries"], values, level) for values in curve["per_seed"]]
-                reached[metric, fraction, arm] = firsts
                 hits = [q for q in firsts if q is not None]
-                row[arm] = dict(queries=float(np.mean(hits)) if hits else None, reached=f"{len(hits)}/{seeds}")
-            ratio = (row["diffexp"]["queries"] / row["baseline"]["queries"]
-                     if row["diffexp"]["queries"] and row["baseline"]["queries"] else None)
-            rows.append(dict(fraction=fraction, level=level, **row, ratio=ratio))
+                row[name] = dict(queries=float(np.mean(hits)) if hits else None, reached=f"{len(hits)}/{seeds}",
+                                 per_seed=firsts)
+            ratios = [a / b if a and b else None for a, b in zip(row[arm]["per_seed"], row["baseline"]["per_seed"])]
+            rows.append(dict(fraction=fraction, level=level, **row, ratio=paired(ratios)))
         results["table"][metric] = rows
-    evaluation = f"eval_unseen_{reward}"
     for metric in metrics[1:]:
-        per_seed = [np.array(results["curves"][f"{arm}/{metric}"]["per_seed"])[:, -1]
-                    for arm in ("diffexp", "baseline")]
+        per_seed = [np.array(results["curves"][f"{name}/{metric}"]["per_seed"])[:, -1] for name in (arm, "baseline")]
         results["paired"][f"final {metric}"] = paired((per_seed[0] - per_seed[1]).tolist())
-    results["paired"][f"queries to 75% {evaluation}"] = paired(
-        [a - b if a is not None and b is not None else None
-         for a, b in zip(reached[evaluation, 0.75, "diffexp"], reached[evaluation, 0.75, "baseline"])])
     return results
 
 
@@ -163,23 +192,120 @@ def diversity(settings, explore_settings):
     return numbers, images, prompts
 
 
-def replicate(method, seeds, out, reward="fidelity", ablation=None, parallel=2, extra=()):
-    """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json."""
-    if seeds < 2 or parallel < 1:
-        raise ValueError("replicate needs at least 2 seeds (for the intervals) and 1 run at a time.")
-    settings = ["--method", method, "--reward", reward, *SETTINGS[method], *extra]
-    arms = {"diffexp": ABLATIONS.get(ablation, []), "baseline": ["--no-explore"]}
-    commands = {f"{arm} s{seed}": (["--model", "shapes", "--seed", str(seed), *settings, *flags],
+def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None):
+    """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. With a `peer`,
+    its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there is no diversity to show."""
+    if not 2 <= seeds <= len(T_975) + 1 or parallel < 1:
+        raise ValueError(f"replicate needs 2 to {len(T_975) + 1} seeds (for the intervals) and 1 run at a time.")
+    if peer and (method != "ddpo" or ablation):
+        raise ValueError(f"--peer {peer} compares DDPO without exploration: give --method ddpo and no --ablation.")
+    settings = ["--method", method, "--reward", reward, *SETTINGS.get((method, reward), SETTINGS[method]), *extra]
+    arms = {"diffexp": ("diffexp.py", ABLATIONS.get(ablation, [])), "baseline": ("diffexp.py", ["--no-explore"])}
+    if peer:
+        cpu = ["--no-explore", "--device", "cpu"]  # TRL runs here on the CPU, in fp32: so does our arm beside it
+        arms = {peer: ("replicate.py", ["--run-peer", peer, *cpu]), "baseline": ("diffexp.py", cpu)}
+    commands = {f"{arm} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *flags],
                                    os.path.join(out, "runs", f"{arm}-s{seed}"))
-                for seed in range(seeds) for arm, flags in arms.items()}
+                for seed in range(seeds) for arm, (script, flags) in arms.items()}
     run_in_parallel(commands, parallel)
     logs = {arm: [read_log(os.path.join(out, "runs", f"{arm}-s{seed}")) for seed in range(seeds)] for arm in arms}
-    results = summarise(logs, method, reward, settings) | dict(ablation=ablation, diffexp_flags=arms["diffexp"])
-    results["diversity"], images, prompts = diversity(settings, arms["diffexp"])
+    results = summarise(logs, method, reward, settings) | dict(ablation=ablation,
+                                                               diffexp_flags=arms[peer or "diffexp"][1])
+    results["diversity"], images, prompts = diversity(settings, results["diffexp_flags"]) if not peer else (None,) * 3
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     draw(results, images, prompts, os.path.join(out, ""))
     return results
+
+
+def run_peer(peer, argv):
+    """A peer implementation trained at the settings of `python diffexp.py ARGV` (DDPO, --no-explore) and logged as
+    diffexp.py logs it (ARGV's --out/log.jsonl: the same evaluation, by diffexp.evaluate, on the same fixed noise), so
+    that summarise() compares the two. The one peer is TRL's DDPOTrainer: trl 0.23.1, its last release with DDPO,
+    installed apart from this project (see the README) and imported only here."""
+    import contextlib
+    import random
+    import warnings
+
+    args = diffexp.parse_args(argv)
+    if (peer != "trl" or args.method != "ddpo" or not args.no_explore or args.lora_rank != 4 or args.inner_epochs != 1
+            or args.device != "cpu"):
+        raise ValueError("--peer trl compares DDPO without exploration (--no-explore), LoRA rank 4, 1 inner epoch, on "
+                         "the CPU (--device cpu): what TRL's DDPOTrainer implements, as run here.")
+    try:
+        from accelerate import PartialState
+        from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+    except ImportError:
+        raise RuntimeError("--peer trl needs trl 0.23.1 on PYTHONPATH: pip install --no-deps --target DIR trl==0.23.1 "
+                           "pandas, then PYTHONPATH=DIR (see the README).") from None
+    prompts, reward_fns = diffexp.load_prompts(args.prompts), {}
+    for name in (args.reward, "shapes_judge"):
+        reward_fns[name] = rewards.load_reward(name, "cpu", torch.float32)
+    scores = []  # the epoch's training rewards, as TRL's reward_fn returns them
+
+    def reward_fn(images, batch_prompts, metadata):  # TRL's: images [B, 3, H, W] in [0, 1]
+        with torch.no_grad():
+            scores.append(reward_fns[args.reward](images.float(), list(batch_prompts)).float())
+        return scores[-1], {}
+
+    rng, group = np.random.default_rng(args.seed), []
+
+    def prompt_fn():  # TRL's, called once per sample: groups of --samples-per-prompt, as draw_prompt_ids draws them
+        if not group:
+            group.extend([prompts[int(rng.integers(len(prompts)))]] * args.samples_per_prompt)
+        return group.pop(), {}
+
+    mb = args.micro_batch_size  # TRL's sample and train batches: one forward pass; its accumulation: our updates
+    config = DDPOConfig(
+        seed=args.seed, log_with=None, mixed_precision="no", save_freq=10**9, accelerator_kwargs=dict(cpu=True),
+        sample_num_steps=args.steps, sample_eta=args.eta, sample_guidance_scale=args.w_high, sample_batch_size=mb,
+        sample_num_batches_per_epoch=args.batch_size // mb, train_batch_size=mb,
+        train_gradient_accumulation_steps=args.train_batch_size // mb, train_learning_rate=args.lr,
+        train_adam_weight_decay=args.weight_decay, train_max_grad_norm=args.max_grad_norm,
+        train_clip_range=args.clip_range, train_adv_clip_max=args.adv_clip_max,
+        train_timestep_fraction=args.timestep_fraction, per_prompt_stat_tracking=True,
+        per_prompt_stat_tracking_buffer_size=32, per_prompt_stat_tracking_min_count=16, negative_prompts="")
+    PartialState(cpu=True)  # accelerate's logger must exist before TRL's pipeline warns through it
+    torch.manual_seed(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL's deprecation of DDPO, diffusers' of _encode_prompt
+        sd = DefaultDDPOStableDiffusionPipeline(diffexp.SHAPES_MODEL if args.model == "shapes" else args.model,
+                                                use_lora=True)
+        trainer = DDPOTrainer(config, reward_fn, prompt_fn, sd)
+    sd.set_progress_bar_config(disable=True)
+    updates = []  # TRL logs loss, approx_kl and clipfrac through accelerator.log, once per optimizer step
+    trainer.accelerator.log = lambda values, step=None, log_kwargs=None: updates.append(values)
+
+    @contextlib.contextmanager
+    def rng_kept():  # TRL samples and shuffles from the global RNGs: evaluating must not move them
+        state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        yield
+        torch.set_rng_state(state[0]), np.random.set_state(state[1]), random.setstate(state[2])
+
+    def evaluated(row):
+        with rng_kept(), torch.no_grad():
+            sd.sd_pipeline.unet.eval()
+            sd.sd_pipeline.scheduler.set_timesteps(args.steps)
+            return row | diffexp.evaluate(sd.sd_pipeline, reward_fns, {"unseen": diffexp.load_prompts(
+                args.eval_prompts)}, args, 1)[0]
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "log.jsonl"), "w") as log:
+        def write(row):
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+        if args.eval_every:
+            write(evaluated(dict(epoch=0, reward_queries=0)))
+        for epoch in range(1, args.epochs + 1):
+            trainer.step(epoch - 1, 0)  # TRL counts epochs from 0
+            trained, done = torch.cat(scores), [u for u in updates if "loss" in u]
+            row = dict(epoch=epoch, reward_queries=epoch * args.batch_size, explore=False,
+                       reward_mean=trained.mean().item(), reward_std=trained.std().item(),
+                       **{k: float(np.mean([torch.as_tensor(u[k]).detach().item() for u in done]))
+                          for k in ("loss", "approx_kl", "clipfrac")})
+            write(evaluated(row) if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.epochs) else row)
+            scores.clear(), updates.clear()
 
 
 def pyplot():
@@ -205,9 +331,9 @@ def draw(results, images, prompts, prefix):
     titles = {"reward_mean": f"training samples: {reward}", f"eval_unseen_{reward}": f"unseen prompts: {reward}",
               "eval_unseen_shapes_judge": "unseen prompts: the judge (never trained on)"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    arm_name = f"{method} + DiffExp" + (f" ({results['ablation']} only)" if results.get("ablation") else "")
+    (compared, compared_name), (_, base_name) = labels(results).items()
     for ax, metric in zip(axes, panels):
-        for arm, colour, label in (("diffexp", "tab:blue", arm_name), ("baseline", "tab:gray", method)):
+        for arm, colour, label in ((compared, "tab:blue", compared_name), ("baseline", "tab:gray", base_name)):
             curve = results["curves"][f"{arm}/{metric}"]
             mean, std = np.array(curve["mean"]), np.array(curve["std"])
             ax.plot(curve["queries"], mean, color=colour, label=label)
@@ -217,6 +343,8 @@ def draw(results, images, prompts, prefix):
     fig.suptitle(f"{method}, {reward} reward, shapes world, {results['seeds']} seeds (mean +- std)")
     fig.tight_layout()
     fig.savefig(f"{prefix}curves.png", dpi=80)
+    if images is None:  # a peer's comparison: both arms sample plainly
+        return plt.close("all")
     rows = [torch.cat([images[False][k, :8], images[True][k, :8]]) for k in range(len(prompts))]  # [16, 3, 32, 32]
     fig, axes = plt.subplots(len(prompts), 1, figsize=(8, 0.62 * len(prompts) + 0.4))
     for ax, row, prompt in zip(axes, rows, prompts):
@@ -228,54 +356,88 @@ def draw(results, images, prompts, prefix):
     plt.close("all")
 
 
+def labels(results):
+    """{arm: its name in tables and figures}, the compared arm first, then the baseline."""
+    arm, method = results["arms"][0], results["method"]
+    if arm in PEERS:
+        return {arm: f"{PEERS[arm]} (--no-explore)", "baseline": f"ours, {method} (--no-explore)"}
+    flags = " ".join(results.get("diffexp_flags") or [])
+    return {arm: f"{method} + DiffExp" + (f" ({flags})" if flags else ""), "baseline": method}
+
+
+def interval(p, signed=True):
+    """A paired statistic as text: mean [95% interval] (n seeds)."""
+    if p["mean"] is None:
+        return "no seed reached it in both arms after the start"
+    form = "+.3g" if signed else ".2f"
+    ci = f" [{p['low']:{form}}, {p['high']:{form}}]" if p["low"] is not None else ""
+    return f"{p['mean']:{form}}{ci} ({p['n']} seeds)"
+
+
+def no_gain(results, metric):
+    """Why there is no gain to reach fractions of, or None: a baseline whose mean moved by less than its seeds' std at
+    the end has no gain whose fractions could be reached (a seed that starts above a level would "reach" it at once)."""
+    mean, std = results["curves"][f"baseline/{metric}"]["mean"], results["final"][f"baseline/{metric}"]["std"]
+    gain = mean[-1] - mean[0]
+    if gain > std:
+        return None
+    return f"no gain: the baseline's mean moved by {gain:+.3f} (seeds' std at the end {std:.3f})"
+
+
 def markdown(results):
-    """The README's tables of a results file: queries to reach fractions of the baseline's gain, final values, the
-    paired differences with their intervals, and diversity."""
+    """The tables of a results file (figures/README.md shows them): queries to reach fractions of the baseline's gain
+    with the per-seed ratio, final values, the paired differences with their intervals, and diversity."""
     def queries(cell):
         return "never" if cell["queries"] is None else f"{cell['queries']:.0f}" + (
             "" if cell["reached"].split("/")[0] == cell["reached"].split("/")[1] else f" ({cell['reached']} seeds)")
 
-    def interval(p):
-        if p["mean"] is None:
-            return "no seed reached it in both arms"
-        ci = f" [{p['low']:+.3g}, {p['high']:+.3g}]" if p["low"] is not None else ""
-        return f"{p['mean']:+.3g}{ci} ({p['n']} seeds)"
-
-    def gain(metric):  # the baseline's mean gain, start to end (the levels are fractions of it), and its noise
-        mean = results["curves"][f"baseline/{metric}"]["mean"]
-        return mean[-1] - mean[0], results["final"][f"baseline/{metric}"]["std"]
-
-    def no_gain(metric):  # a gain within the seeds' spread: "reaching" a fraction of it measures noise
-        g, std = gain(metric)
-        return f"no gain: the baseline's mean moved by {g:+.3f} (seeds' std at the end {std:.3f})" if g <= std else None
-
-    reward, lines = results["reward"], []
+    reward, lines, arm = results["reward"], [], results["arms"][0]
+    short = "DiffExp" if arm == "diffexp" else PEERS[arm]
     evaluation = f"eval_unseen_{reward}"
-    lines += ["| reward queries to reach a fraction of the baseline's gain, DiffExp vs baseline (ratio) "
-              "| 50% | 75% | 90% |",
+    lines += [f"| reward queries to reach a fraction of the baseline's gain: {short} vs baseline, per-seed ratio "
+              "[95% interval] | 50% | 75% | 90% |",
               "|---|---|---|---|"]
     for metric, name in (("reward_mean", "training samples"), (evaluation, "evaluation, unseen prompts")):
-        cells = [f"{queries(r['diffexp'])} vs {queries(r['baseline'])}" + (f" ({r['ratio']:.2f})" if r["ratio"] else "")
+        cells = [f"{queries(r[arm])} vs {queries(r['baseline'])}, ratio {interval(r['ratio'], signed=False)}"
                  for r in results["table"][metric]]
-        if no_gain(metric):
-            cells = [no_gain(metric), "", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| final value (mean +- std over seeds) | DiffExp | baseline |", "|---|---|---|"]
+        lines.append(f"| {name} | " + " | ".join([no_gain(results, metric), "", ""] if no_gain(results, metric)
+                                                  else cells) + " |")
+    lines += ["", f"| final value (mean +- std over seeds) | {short} | baseline |", "|---|---|---|"]
     for key in results["final"]:
-        arm, metric = key.split("/")
-        if arm == "diffexp":
+        name, metric = key.split("/")
+        if name == arm:
             d, b = results["final"][key], results["final"][f"baseline/{metric}"]
             start = results["curves"][f"baseline/{metric}"]["mean"][0]
             lines.append(f"| {metric} (from {start:.3f}) | {d['mean']:.3f} +- {d['std']:.3f} | "
                          f"{b['mean']:.3f} +- {b['std']:.3f} |")
-    lines += ["", "| paired difference, DiffExp - baseline (same seed) | mean [95% t interval] |", "|---|---|"]
-    lines += [f"| {name} | {'no gain to reach' if 'queries' in name and no_gain(evaluation) else interval(p)} |"
-              for name, p in results["paired"].items()]
-    lines += ["", "| sampler (starting model) | distinct judge readings per prompt | mean pairwise distance |",
-              "|---|---|---|"]
-    lines += [f"| {name} | {v['distinct_readings']:.2f} | {v['pairwise_distance']:.2f} |"
-              for name, v in results["diversity"].items()]
+    lines += ["", f"| paired difference, {short} - baseline (same seed) | mean [95% t interval] |", "|---|---|"]
+    lines += [f"| {name} | {interval(p)} |" for name, p in results["paired"].items()]
+    if results["diversity"]:
+        lines += ["", "| sampler (starting model) | distinct judge readings per prompt | mean pairwise distance |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {v['distinct_readings']:.2f} | {v['pairwise_distance']:.2f} |"
+                  for name, v in results["diversity"].items()]
     return "\n".join(lines)
+
+
+HEADLINE = ("| replication | seeds | queries to 75% of the baseline's gain, ratio [95% interval] | final reward, "
+            "paired difference | final judge, paired difference | judge, start -> end (both arms) |\n"
+            "|---|---|---|---|---|---|")
+
+
+def headline(name, results):
+    """One row of the README's headline table: HEADLINE's columns for the results file figures/headline_NAME.json."""
+    arm, evaluation = results["arms"][0], f"eval_unseen_{results['reward']}"
+    at_75 = next(row for row in results["table"][evaluation] if row["fraction"] == 0.75)
+    mean = results["curves"][f"baseline/{evaluation}"]["mean"]
+    ratio = f"no gain (the baseline {mean[-1] - mean[0]:+.3f})" if no_gain(results, evaluation) else interval(
+        at_75["ratio"], signed=False)
+    judge = "eval_unseen_shapes_judge"
+    start = results["curves"][f"baseline/{judge}"]["mean"][0]
+    ends = " / ".join(f"{results['final'][f'{a}/{judge}']['mean']:.3f}" for a in results["arms"])
+    return (f"| [{name}](figures/README.md#{name}) | {results['seeds']} | {ratio} | "
+            f"{interval(results['paired'][f'final {evaluation}'])} | {interval(results['paired'][f'final {judge}'])} "
+            f"| {start:.3f} -> {ends} |")
 
 
 def plot_runs(run_dirs, out_path):
@@ -316,13 +478,20 @@ def plot_runs(run_dirs, out_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="DiffExp against its baseline on the shapes model, several seeds; "
-                                     "any other flag goes to diffexp.py for both arms (e.g. --epochs 30).")
-    parser.add_argument("--method", choices=SETTINGS, help="ddpo or alignprop")
-    parser.add_argument("--reward", default="fidelity", help="a shapes-world reward: fidelity, colour or shapes_judge")
+                                     "any other flag goes to diffexp.py for both arms (e.g. --epochs 30).",
+                                     allow_abbrev=False)  # --seed is diffexp.py's, not an abbreviation of --seeds
+    parser.add_argument("--method", choices=diffexp.METHOD_DEFAULTS, help="ddpo or alignprop")
+    parser.add_argument("--reward", default="bold",
+                        help="a shapes-world reward: bold, fidelity, colour or shapes_judge")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (at least 2)")
-    parser.add_argument("--ablation", choices=ABLATIONS, help="DiffExp with Eq. 7 only (alpha = 1) or Eq. 8 only "
-                        "(t_thres 999: no step runs at w_low)")
-    parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD[-REWARD][-ABLATION])")
+    parser.add_argument("--ablation", choices=ABLATIONS, help="DiffExp's arm with Eq. 7 only (eq7: alpha = 1), Eq. 8 "
+                        "only (eq8: t_thres 999, no step at w_low) or Eq. 7 on more steps (t800, t600: t_thres)")
+    parser.add_argument("--peer", choices=PEERS, help="compare our DDPO baseline with a peer implementation at the "
+                        "same settings instead (trl: TRL's DDPOTrainer, installed apart: see the README)")
+    parser.add_argument("--run-peer", choices=PEERS, help="(what --peer runs) train the peer at the settings of the "
+                        "diffexp.py flags given with it and write its log.jsonl")
+    parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD-REWARD[-ABLATION][-PEER]"
+                        "[-FLAGS])")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="draw the reward curves of these run "
                         "directories of diffexp.py (any model) into --plot-out, against reward queries, and exit")
@@ -330,6 +499,12 @@ def main(argv=None):
     parser.add_argument("--redraw", metavar="NAME.json", help="redraw a results file's figures beside it "
                         "(NAME_curves.png, NAME_diversity.png: its samples drawn again) and print its README tables")
     args, extra = parser.parse_known_args(argv)
+    if args.run_peer:
+        try:
+            argv = ["--method", args.method, "--reward", args.reward, *extra, "--out", args.out]
+            return run_peer(args.run_peer, argv)
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
     if args.plot:
         try:
             return plot_runs(args.plot, args.plot_out)
@@ -338,15 +513,16 @@ def main(argv=None):
     if args.redraw:
         with open(args.redraw) as f:
             results = json.load(f)
-        _, images, prompts = diversity(results["settings"], results["diffexp_flags"])
+        peer = results["arms"][0] in PEERS
+        _, images, prompts = diversity(results["settings"], results["diffexp_flags"]) if not peer else (None,) * 3
         draw(results, images, prompts, args.redraw.removesuffix(".json") + "_")
         return print(markdown(results))
     if not args.method:
         parser.error("give --method ddpo or alignprop (or --redraw a results file).")
-    suffix = "".join(f"-{x}" for x in (args.reward if args.reward != "fidelity" else None, args.ablation) if x)
+    suffix = "".join(f"-{x.lstrip('-')}" for x in (args.reward, args.ablation, args.peer, *extra) if x)
     out = args.out or os.path.join("runs", f"replicate-{args.method}{suffix}")
     try:
-        results = replicate(args.method, args.seeds, out, args.reward, args.ablation, args.parallel, extra)
+        results = replicate(args.method, args.seeds, out, args.reward, args.ablation, args.parallel, extra, args.peer)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(markdown(results))
