@@ -88,7 +88,7 @@ METHOD_DEFAULTS = dict(ddpo=dict(w_high=5.0, eta=1.0, lr=3e-4, weight_decay=1e-4
                        alignprop=dict(w_high=7.5, eta=0.0, lr=1e-3, weight_decay=0.1, max_grad_norm=5.0,
                                       micro_batch_size=2, train_batch_size=64))
 # Per (model, method) for the offline models (ours): runs of a minute (tiny) or minutes (shapes) on 2 cores; the
-# shapes model's task is its style reward, bold (DDPO's budget: the smallest found at which it gains 0.10 there).
+# shapes model's task is its style reward, bold (DDPO's budget: where plain DDPO gains about 0.10; see README).
 TINY_RUN = dict(epochs=6, batch_size=16, steps=20, micro_batch_size=4, train_batch_size=8, lr=1e-2)
 SHAPES_RUN = dict(reward="bold", prompts="bold", eval_prompts="unseen_bold", eval_every=1, micro_batch_size=16)
 SMALL_MODEL_DEFAULTS = {
