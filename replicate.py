@@ -237,7 +237,7 @@ def run_peer(peer, argv):
         from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
     except ImportError:
         raise RuntimeError("--peer trl needs trl 0.23.1 on PYTHONPATH: pip install --no-deps --target DIR trl==0.23.1 "
-                           "pandas, then PYTHONPATH=DIR (see the README).") from None
+                           "pandas==3.1.1, then PYTHONPATH=DIR (see the README).") from None
     prompts, reward_fns = diffexp.load_prompts(args.prompts), {}
     for name in (args.reward, "shapes_judge"):
         reward_fns[name] = rewards.load_reward(name, "cpu", torch.float32)
