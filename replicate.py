@@ -4,7 +4,7 @@
     python replicate.py --method ddpo --reward bold --seeds 3              # DiffExp vs DDPO, at its shapes defaults
     python replicate.py --method alignprop --ablation eq7 --seeds 3        # Eq. 7 alone (alpha = 1); eq8: Eq. 8 alone
     python replicate.py --method alignprop --ablation t600 --seeds 3       # Eq. 7 on 8 of 20 steps (t600, t800)
-    python replicate.py --method ddpo --peer trl --seeds 3 --epochs 16     # our DDPO beside TRL's DDPOTrainer
+    python replicate.py --method ddpo --peer trl --seeds 3                 # our DDPO beside TRL's DDPOTrainer
     python replicate.py --method alignprop --reward fidelity --seeds 5     # the harder task (its published settings)
     python replicate.py --redraw figures/headline_alignprop-bold.json      # a results file's figures and tables again
     python replicate.py --plot runs/RUN_A runs/RUN_B                       # reward curves of any diffexp.py runs
