@@ -16,6 +16,7 @@ seed, the settings, the tables, the diversity numbers), curves.png and diversity
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -190,6 +191,203 @@ def diversity(settings, explore_settings):
         numbers[name] = dict(distinct_readings=float(np.mean([len(set(r)) for r in readings])),
                              pairwise_distance=float(np.mean(distances)))
     return numbers, images, prompts
+
+
+# ---- The premise sweep: DiffExp's open settings measured at the starting model, before any training run.
+# The paper's premise: more diverse online samples without sacrificing their quality. Its text gives no w_low, t_thres
+# or alpha range, so each is measured here, for each method's own sampler, on the same noise as plain sampling.
+PREMISE_EQ7 = [(w_low, t_thres) for w_low in (0.0, 1.0, 3.0, 5.0) for t_thres in (900, 800, 600, 400)]  # alpha 1
+PREMISE_EQ8 = (1.1, 1.25, 1.5, 2.0)  # alpha_max, with alpha_min 1 and no step at w_low (t_thres 999)
+PREMISE_SD15 = dict(w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0)  # our SD 1.5 defaults, for reference
+PREMISE_COMBINED = 2  # the best settings of Eq. 7 alone and of Eq. 8 alone, combined pairwise
+PREMISE_BOUND = 0.03  # the rule (premise_choice): the judge's and bold's means may fall by at most this
+PREMISE_SAMPLES = 16  # per prompt, from the same noise in every setting
+PREMISE_METRICS = {"distance": "mean pairwise distance", "distinct": "distinct judge readings",
+                   "judge": "judge", "bold": "bold", "share": "share of bold >= 0.9"}
+
+
+@torch.no_grad()
+def premise_measure(pipe, prompts, sampling, setting, scorers):
+    """PREMISE_SAMPLES samples of each prompt, plainly (setting None) or with the exploration `setting` (w_low,
+    t_thres, alpha_min, alpha_max), from the noise seeded by the prompt's index. Returns {metric: [one per prompt]}:
+    the mean pairwise L2 distance between the prompt's images, its distinct judge readings, and the judge's, bold's
+    and bold >= 0.9's means."""
+    per_prompt = {metric: [] for metric in PREMISE_METRICS}
+    for k, prompt in enumerate(prompts):
+        batch = [prompt] * PREMISE_SAMPLES
+        generator = torch.Generator().manual_seed(k)
+        images = diffexp.sample_batch(pipe, batch, generator, explore=setting is not None,
+                                      **sampling | (setting or {}))["images"]  # [16, 3, 32, 32]
+        bold = scorers["bold"](images, batch)  # [16]
+        per_prompt["distance"].append(torch.pdist(images.flatten(1)).mean().item())
+        per_prompt["distinct"].append(len({tuple(r.values()) for r in shapes.judge(images)}))
+        per_prompt["judge"].append(scorers["shapes_judge"](images, batch).mean().item())
+        per_prompt["bold"].append(bold.mean().item())
+        per_prompt["share"].append((bold >= 0.9).float().mean().item())
+    return per_prompt
+
+
+def bootstrap(differences, resamples=2000, seed=0):
+    """Mean of per-prompt differences with a 95% percentile bootstrap interval over prompts: dict(mean, low, high)."""
+    d = np.asarray(differences, dtype=float)
+    means = d[np.random.default_rng(seed).integers(len(d), size=(resamples, len(d)))].mean(axis=1)
+    return dict(mean=float(d.mean()), low=float(np.percentile(means, 2.5)), high=float(np.percentile(means, 97.5)))
+
+
+def keeps_premise(setting):
+    """The rule's quality bound: neither the judge's mean nor bold's falls by more than PREMISE_BOUND from plain's."""
+    return min(setting["difference"]["judge"]["mean"], setting["difference"]["bold"]["mean"]) >= -PREMISE_BOUND
+
+
+def quality_loss(setting):
+    """The larger of the two drops from plain sampling, judge and bold (negative: both rose)."""
+    return -min(setting["difference"]["judge"]["mean"], setting["difference"]["bold"]["mean"])
+
+
+def premise_choice(settings):
+    """The rule, written down before any training run (README, "The exploration, set by the paper's premise"):
+    among the settings that keep the premise (keeps_premise) and are more diverse than plain sampling (the 95%
+    interval of their pairwise distance's difference lies above zero), the one with the largest mean pairwise
+    distance. If there is none, that is the finding, and the choice is the setting closest to the rule: the more
+    diverse one with the smallest quality loss. Returns (setting, "keeps the premise" or "closest to the premise")."""
+    diverse = [s for s in settings if s["difference"]["distance"]["low"] > 0]
+    kept = [s for s in diverse if keeps_premise(s)]
+    if kept:
+        return max(kept, key=lambda s: s["difference"]["distance"]["mean"]), "keeps the premise"
+    return min(diverse, key=quality_loss), "closest to the premise"
+
+
+def best_of_kind(settings, kind, n):
+    """The n settings of one kind that the rule ranks first: those that keep the premise by their pairwise distance,
+    then the others by their quality loss."""
+    of_kind = [s for s in settings if s["kind"] == kind]
+    kept = sorted(filter(keeps_premise, of_kind), key=lambda s: -s["difference"]["distance"]["mean"])
+    others = sorted(itertools.filterfalse(keeps_premise, of_kind), key=quality_loss)
+    return (kept + others)[:n]
+
+
+def premise_sweep(method, out):
+    """The sweep for one method's sampler at the shapes model's settings, on its training prompts (which exploration
+    samples): plain sampling, Eq. 7 alone (PREMISE_EQ7), Eq. 8 alone (PREMISE_EQ8), the best of each combined, and our
+    SD 1.5 defaults. Each setting's differences from plain, per prompt, with bootstrap intervals; writes
+    out/premise.json and returns it."""
+    with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
+        args = diffexp.parse_args(["--model", "shapes", "--method", method, "--out", f"{unused}/run"])
+    prompts = diffexp.load_prompts(args.prompts)
+    torch.manual_seed(args.seed)
+    pipe = diffexp.load_pipeline("shapes", args.lora_rank, "cpu", torch.float32)  # the starting model: LoRA B = 0
+    pipe.scheduler.set_timesteps(args.steps)
+    scorers = {name: rewards.load_reward(name, "cpu", torch.float32) for name in ("bold", "shapes_judge")}
+    sampling = diffexp.sampling(args)
+    plain = premise_measure(pipe, prompts, sampling, None, scorers)
+    settings = []
+
+    def measure(kind, **setting):
+        if any(s["setting"] == setting for s in settings):
+            return
+        per_prompt = premise_measure(pipe, prompts, sampling, setting, scorers)
+        settings.append(dict(kind=kind, setting=setting,
+                             mean={m: float(np.mean(v)) for m, v in per_prompt.items()},
+                             difference={m: bootstrap(np.subtract(per_prompt[m], plain[m])) for m in per_prompt},
+                             per_prompt=per_prompt))
+        changes = ", ".join(f"{m} {d['mean']:+.3f}" for m, d in settings[-1]["difference"].items())
+        print(f"[premise {method}] {kind} {setting}: {changes}", flush=True)
+
+    measure("SD 1.5 default", **PREMISE_SD15)  # first: a combination below may repeat it
+    for w_low, t_thres in PREMISE_EQ7:
+        measure("Eq. 7", w_low=w_low, t_thres=t_thres, alpha_min=1.0, alpha_max=1.0)
+    for alpha_max in PREMISE_EQ8:
+        measure("Eq. 8", w_low=1.0, t_thres=999, alpha_min=1.0, alpha_max=alpha_max)
+    for eq7, eq8 in itertools.product(best_of_kind(settings, "Eq. 7", PREMISE_COMBINED),
+                                      best_of_kind(settings, "Eq. 8", PREMISE_COMBINED)):
+        measure("both", **eq7["setting"] | dict(alpha_max=eq8["setting"]["alpha_max"]))
+    choice, verdict = premise_choice(settings)
+    sweep = dict(method=method, sampler=dict(eta=args.eta, w_high=args.w_high, steps=args.steps),
+                 prompts=args.prompts, samples=PREMISE_SAMPLES, bound=PREMISE_BOUND,
+                 plain=dict(mean={m: float(np.mean(v)) for m, v in plain.items()}, per_prompt=plain),
+                 settings=settings, choice=dict(setting=choice["setting"], verdict=verdict))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "premise.json"), "w") as f:
+        json.dump(sweep, f, indent=1)
+    return sweep
+
+
+def premise(out, parallel=2):
+    """Both samplers' sweeps (premise_sweep), one process each, one thread each; writes out/premise.json (the two
+    sweeps) and out/premise.png, and returns the results."""
+    commands = {method: ("replicate.py", ["--premise-of", method], os.path.join(out, method))
+                for method in diffexp.METHOD_DEFAULTS}
+    run_in_parallel(commands, parallel)
+    samplers = {}
+    for method, (_, _, sweep_dir) in commands.items():
+        with open(os.path.join(sweep_dir, "premise.json")) as f:
+            samplers[method] = json.load(f)
+    results = dict(kind="premise", samplers=samplers)
+    with open(os.path.join(out, "premise.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    draw_premise(results, os.path.join(out, "premise.png"))
+    return results
+
+
+def setting_text(setting):
+    """An exploration setting as the flags that give it."""
+    return (f"--w-low {setting['w_low']:g} --t-thres {setting['t_thres']} --alpha-min {setting['alpha_min']:g} "
+            f"--alpha-max {setting['alpha_max']:g}")
+
+
+def draw_premise(results, path):
+    """Diversity (mean pairwise distance) against quality (bold's mean, the judge's mean), a point per setting, per
+    sampler; plain sampling is the star, the rule's quality bound the dashed line, its choice circled."""
+    plt = pyplot()
+    colours = {"Eq. 7": "tab:blue", "Eq. 8": "tab:orange", "both": "tab:green", "SD 1.5 default": "tab:red"}
+    samplers = results["samplers"]
+    fig, axes = plt.subplots(len(samplers), 2, figsize=(9.5, 3.8 * len(samplers)), squeeze=False)
+    for row, (method, sweep) in zip(axes, samplers.items()):
+        chosen = next(s for s in sweep["settings"] if s["setting"] == sweep["choice"]["setting"])
+        for ax, quality in zip(row, ("bold", "judge")):
+            for kind, colour in colours.items():
+                points = [s["mean"] for s in sweep["settings"] if s["kind"] == kind]
+                ax.scatter([p[quality] for p in points], [p["distance"] for p in points], s=18, color=colour,
+                           label=kind)
+            plain = sweep["plain"]["mean"]
+            ax.scatter(plain[quality], plain["distance"], marker="*", s=160, color="black", label="plain")
+            ax.scatter(chosen["mean"][quality], chosen["mean"]["distance"], s=200, facecolors="none",
+                       edgecolors="black", label="the rule's choice")
+            ax.axvline(plain[quality] - sweep["bound"], color="gray", linestyle="--", linewidth=1)
+            sampler = sweep["sampler"]
+            ax.set(xlabel=f"{quality} mean (quality)", ylabel="mean pairwise distance (diversity)",
+                   title=f"{method}'s sampler (eta {sampler['eta']:g}, CFG {sampler['w_high']:g}, "
+                         f"{sampler['steps']} steps)")
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close("all")
+
+
+def premise_markdown(results):
+    """The sweeps' tables (figures/README.md shows them): plain sampling's values, then each setting's differences from
+    them with 95% bootstrap intervals over prompts, whether it keeps the premise, and the rule's choice."""
+    def cell(d):
+        return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+    lines = []
+    for method, sweep in results["samplers"].items():
+        sampler, plain = sweep["sampler"], sweep["plain"]["mean"]
+        n = len(sweep["plain"]["per_prompt"]["distance"])
+        lines += [f"**{method}'s sampler** (eta {sampler['eta']:g}, CFG {sampler['w_high']:g}, {sampler['steps']} "
+                  f"steps), {n} `[{sweep['prompts']}]` prompts x {sweep['samples']} samples from the same noise. "
+                  "Plain sampling: " + ", ".join(f"{PREMISE_METRICS[m]} {v:.3f}" for m, v in plain.items()) + ".",
+                  "", "| setting | w_low | t_thres | alpha | " + " | ".join(PREMISE_METRICS.values())
+                  + " | keeps the premise |", "|---" * (5 + len(PREMISE_METRICS)) + "|"]
+        for s in sweep["settings"]:
+            kind = f"**{s['kind']}, the rule's choice**" if s["setting"] == sweep["choice"]["setting"] else s["kind"]
+            setting = s["setting"]
+            lines.append(f"| {kind} | {setting['w_low']:g} | {setting['t_thres']} | U({setting['alpha_min']:g}, "
+                         f"{setting['alpha_max']:g}) | " + " | ".join(cell(d) for d in s["difference"].values())
+                         + f" | {'yes' if keeps_premise(s) else 'no'} |")
+        lines += ["", f"The rule's choice for {method} ({sweep['choice']['verdict']}): "
+                  f"`{setting_text(sweep['choice']['setting'])}`.", ""]
+    return "\n".join(lines).rstrip()
 
 
 def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None):
@@ -490,8 +688,12 @@ def main(argv=None):
                         "same settings instead (trl: TRL's DDPOTrainer, installed apart: see the README)")
     parser.add_argument("--run-peer", choices=PEERS, help="(what --peer runs) train the peer at the settings of the "
                         "diffexp.py flags given with it and write its log.jsonl")
+    parser.add_argument("--premise", action="store_true", help="the premise sweep: exploration settings against "
+                        "plain sampling at the starting model, for both methods' samplers (no training)")
+    parser.add_argument("--premise-of", choices=diffexp.METHOD_DEFAULTS, help="(what --premise runs) one sampler's "
+                        "sweep, written to --out/premise.json")
     parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD-REWARD[-ABLATION][-PEER]"
-                        "[-FLAGS])")
+                        "[-FLAGS], or runs/premise)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="draw the reward curves of these run "
                         "directories of diffexp.py (any model) into --plot-out, against reward queries, and exit")
@@ -510,9 +712,22 @@ def main(argv=None):
             return plot_runs(args.plot, args.plot_out)
         except (ValueError, RuntimeError) as e:
             sys.exit(f"error: {e}")
+    if args.premise_of:
+        return premise_sweep(args.premise_of, args.out)
+    if args.premise:
+        out = args.out or os.path.join("runs", "premise")
+        try:
+            results = premise(out, args.parallel)
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+        print(premise_markdown(results))
+        return print(f"premise.png and premise.json in {out}")
     if args.redraw:
         with open(args.redraw) as f:
             results = json.load(f)
+        if results.get("kind") == "premise":
+            draw_premise(results, args.redraw.removesuffix(".json") + ".png")
+            return print(premise_markdown(results))
         peer = results["arms"][0] in PEERS
         _, images, prompts = diversity(results["settings"], results["diffexp_flags"]) if not peer else (None,) * 3
         draw(results, images, prompts, args.redraw.removesuffix(".json") + "_")
