@@ -30,12 +30,23 @@ import torch
 
 import diffexp
 import rewards
+import runs
 import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def exploration_flags(w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0):
+    """An exploration setting as diffexp.py's flags; the defaults are our SD 1.5 values."""
+    return ["--w-low", f"{w_low:g}", "--t-thres", str(t_thres), "--alpha-min", f"{alpha_min:g}", "--alpha-max",
+            f"{alpha_max:g}"]
+
+
 # Per method and reward, the runs' settings (ours), given to both arms on top of the shapes model's defaults. Other
-# rewards (fidelity, colour) take the method's: the settings of their published runs, on the whole grammar's prompts.
-GRAMMAR = ["--prompts", "shapes", "--eval-prompts", "unseen_shapes", "--epochs", "16", "--eval-every", "2"]
+# rewards (fidelity, colour) take the method's: the settings of their published runs, on the whole grammar's prompts,
+# with the exploration they ran with (our SD 1.5 values, the shapes model's defaults before the premise sweep).
+GRAMMAR = ["--prompts", "shapes", "--eval-prompts", "unseen_shapes", "--epochs", "16", "--eval-every", "2",
+           *exploration_flags()]
 SETTINGS = {
     ("alignprop", "bold"): ["--epochs", "12", "--batch-size", "32", "--eval-every", "1"],
     ("ddpo", "bold"): [],  # the shapes model's DDPO defaults: its quick start's runs
@@ -44,12 +55,13 @@ SETTINGS = {
              "--lr", "0.0003"],
 }
 PEERS = {"trl": "TRL's DDPOTrainer"}  # replicate.py --peer trl: a peer implementation in place of the DiffExp arm
-# DiffExp in part, or otherwise, flags of its arm alone: Eq. 7 only (alpha = 1), Eq. 8 only (no t > 999), Eq. 7 on
-# more steps (t > 800: 4 of 20, t > 600: 8 of 20, where t > 900 touches 2)
-ABLATIONS = {"eq7": ["--alpha-max", "1"], "eq8": ["--t-thres", "999"], "t800": ["--t-thres", "800"],
-             "t600": ["--t-thres", "600"]}
+# Other exploration settings for DiffExp's arm alone, all from our SD 1.5 values: those values (sd15), Eq. 7 only
+# (alpha = 1), Eq. 8 only (no t > 999), Eq. 7 on more steps (t > 800: 4 of 20, t > 600: 8 of 20; t > 900 touches 2)
+ABLATIONS = {"sd15": exploration_flags(), "eq7": exploration_flags(alpha_max=1), "eq8": exploration_flags(t_thres=999),
+             "t800": exploration_flags(t_thres=800), "t600": exploration_flags(t_thres=600)}
 LEVELS = (0.5, 0.75, 0.9)  # fractions of the baseline's final gain
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student's t
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}  # Student's t, 97.5% quantile by degrees of freedom
 DIVERSITY_PROMPTS = 6  # the first prompts of --eval-prompts (the plain "a COLOUR SHAPE" ones); 16 samples each
 
 
@@ -110,17 +122,58 @@ def read_log(run_dir):
 
 
 def first_reach(queries, values, level):
-    """The reward queries at which a curve first reaches `level`, or None."""
-    return next((q for q, v in zip(queries, values) if v >= level), None)
+    """The reward queries after which a curve first reaches `level`, or None (never). The start (0 queries) does not
+    count: both arms of a seed start from the same model and noise, so a level met there says nothing of either."""
+    return next((q for q, v in zip(queries, values) if q > 0 and v >= level), None)
 
 
 def paired(differences):
-    """Mean of per-seed differences with a 95% Student-t interval over seeds: dict(mean, low, high, n)."""
-    d = np.array([x for x in differences if x is not None], dtype=float)
-    if len(d) < 2:
-        return dict(mean=float(d.mean()) if len(d) else None, low=None, high=None, n=len(d))
+    """Mean of per-seed differences with a 95% Student-t interval over seeds (from 3 seeds on; below that no interval,
+    the values are in per_seed): dict(mean, low, high, n, per_seed)."""
+    d = np.array(differences, dtype=float)
+    if len(d) < 3:
+        return dict(mean=float(d.mean()), low=None, high=None, n=len(d), per_seed=d.tolist())
     half = T_975[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
-    return dict(mean=float(d.mean()), low=float(d.mean() - half), high=float(d.mean() + half), n=len(d))
+    return dict(mean=float(d.mean()), low=float(d.mean() - half), high=float(d.mean() + half), n=len(d),
+                per_seed=d.tolist())
+
+
+def log_ratio(ratios):
+    """Per-seed ratios (positive) summarised on the log scale: the geometric mean with the 95% Student-t interval of
+    the mean log ratio, taken back (from 3 seeds on, as paired())."""
+    summary = paired(np.log(ratios))
+    for key in ("mean", "low", "high"):
+        summary[key] = None if summary[key] is None else float(np.exp(summary[key]))
+    return summary | dict(per_seed=np.asarray(ratios, dtype=float).tolist())
+
+
+def censored_ratio(compared, baseline, budget):
+    """Per seed, the queries to a level of the compared arm over the baseline's, a seed whose arm never reaches the
+    level counted at the budget (censored: the true ratio is larger where the compared arm never got there, smaller
+    where the baseline never did), on the log scale (log_ratio), with the number of censored seeds per arm."""
+    queries = np.array([[budget if q is None else q for q in arm] for arm in (compared, baseline)], dtype=float)
+    censored = dict(compared=sum(q is None for q in compared), baseline=sum(q is None for q in baseline))
+    return log_ratio(queries[0] / queries[1]) | dict(censored=censored)
+
+
+def gain_area(queries, values):
+    """The area under a curve's gain over its start, by the trapezoid rule, divided by the budget: the mean gain over
+    the run, in reward units."""
+    gain = np.asarray(values, dtype=float) - values[0]
+    return float(np.sum((gain[1:] + gain[:-1]) / 2 * np.diff(queries)) / queries[-1])
+
+
+def area_ratio(results, metric):
+    """The area under the gain curve (gain_area) per seed, compared arm over baseline, on the log scale, or, where an
+    area is not positive (no gain to compare), the per-seed areas alone: dict(..., areas={arm: [per seed]})."""
+    areas = {}
+    for name in results["arms"]:
+        curve = results["curves"][f"{name}/{metric}"]
+        areas[name] = [gain_area(curve["queries"], values) for values in curve["per_seed"]]
+    compared, baseline = np.array(areas[results["arms"][0]]), np.array(areas["baseline"])
+    if (compared <= 0).any() or (baseline <= 0).any():
+        return dict(mean=None, low=None, high=None, n=len(baseline), per_seed=None, areas=areas)
+    return log_ratio(compared / baseline) | dict(areas=areas)
 
 
 def summarise(logs, method, reward, settings):
@@ -141,28 +194,27 @@ def summarise(logs, method, reward, settings):
 
 def derive(results):
     """The statistics of a results file, from its curves alone: the final values (mean and std over seeds); for
-    50/75/90% of the baseline's gain (its mean curve, start to end), the queries at which each arm's seeds first reach
-    it, their mean over the seeds that do and the per-seed ratio compared / baseline with its 95% interval (counted
-    whatever the gain: markdown() says "no gain" where it is within the seeds' spread); and the per-seed paired
-    differences of the final values, compared arm minus baseline, with 95% intervals."""
-    arm, reward, seeds = results["arms"][0], results["reward"], results["seeds"]
+    50/75/90% of the baseline's gain (its mean curve, start to end), the queries after which each arm's seeds first
+    reach it (None: never) and the per-seed ratio compared / baseline, censored at the budget (censored_ratio; counted
+    whatever the gain: markdown() says "no gain" where it is within the seeds' spread); the area under the evaluation's
+    gain curve, compared / baseline (area_ratio); and the per-seed paired differences of the final values, compared
+    arm minus baseline, with 95% intervals."""
+    arm, evaluation = results["arms"][0], f"eval_unseen_{results['reward']}"
     metrics = [key.split("/")[1] for key in results["curves"] if key.startswith("baseline/")]
-    results |= dict(table={}, final={}, paired={})
+    results |= dict(table={}, final={}, paired={}, area=area_ratio(results, evaluation))
     for key, curve in results["curves"].items():
         last = np.array(curve["per_seed"])[:, -1]
         results["final"][key] = dict(mean=float(last.mean()), std=float(last.std()))
-    for metric in ("reward_mean", f"eval_unseen_{reward}"):
-        base, rows = results["curves"][f"baseline/{metric}"]["mean"], []
+    for metric in ("reward_mean", evaluation):
+        base, rows = results["curves"][f"baseline/{metric}"], []
         for fraction in LEVELS:
-            level, row = base[0] + fraction * (base[-1] - base[0]), {}
+            level = base["mean"][0] + fraction * (base["mean"][-1] - base["mean"][0])
+            queries = {}
             for name in results["arms"]:
                 curve = results["curves"][f"{name}/{metric}"]
-                firsts = [first_reach(curve["queries"], values, level) for values in curve["per_seed"]]
-                hits = [q for q in firsts if q is not None]
-                row[name] = dict(queries=float(np.mean(hits)) if hits else None, reached=f"{len(hits)}/{seeds}",
-                                 per_seed=firsts)
-            ratios = [a / b if a and b else None for a, b in zip(row[arm]["per_seed"], row["baseline"]["per_seed"])]
-            rows.append(dict(fraction=fraction, level=level, **row, ratio=paired(ratios)))
+                queries[name] = [first_reach(curve["queries"], values, level) for values in curve["per_seed"]]
+            ratio = censored_ratio(queries[arm], queries["baseline"], base["queries"][-1])
+            rows.append(dict(fraction=fraction, level=level, queries=queries, ratio=ratio))
         results["table"][metric] = rows
     for metric in metrics[1:]:
         per_seed = [np.array(results["curves"][f"{name}/{metric}"]["per_seed"])[:, -1] for name in (arm, "baseline")]
@@ -170,21 +222,27 @@ def derive(results):
     return results
 
 
+
+def shapes_args(argv):
+    """The settings of `python diffexp.py --model shapes ARGV`."""
+    with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
+        return runs.parse_args(["--model", "shapes", *argv, "--out", f"{unused}/run"])
+
+
 @torch.no_grad()
 def diversity(settings, explore_settings):
     """16 samples of each of the first unseen prompts from the starting model (no LoRA training), plainly and with
     DiffExp's exploration, from the same noise: the distinct judge readings per prompt and the mean pairwise L2
     distance between a prompt's images. Returns (numbers, images {False: plain, True: DiffExp} [P, 16, 3, 32, 32])."""
-    with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
-        args = diffexp.parse_args(["--model", "shapes", *settings, *explore_settings, "--out", f"{unused}/run"])
-    prompts = diffexp.load_prompts(args.eval_prompts)[:DIVERSITY_PROMPTS]
+    args = shapes_args([*settings, *explore_settings])
+    prompts = runs.load_prompts(args.eval_prompts)[:DIVERSITY_PROMPTS]
     torch.manual_seed(args.seed)
     pipe = diffexp.load_pipeline("shapes", args.lora_rank, "cpu", torch.float32)
     pipe.scheduler.set_timesteps(args.steps)
     images, numbers = {}, {}
     for explore, name in ((False, "plain"), (True, "diffexp")):
         images[explore] = torch.stack([diffexp.sample_batch(pipe, [p] * 16, torch.Generator().manual_seed(k),
-                                                            explore=explore, **diffexp.sampling(args))["images"]
+                                                            explore=explore, **diffexp.sampling_settings(args))["images"]
                                        for k, p in enumerate(prompts)])
         readings = [[tuple(r.values()) for r in shapes.judge(per_prompt)] for per_prompt in images[explore]]
         distances = [torch.pdist(per_prompt.flatten(1)).mean().item() for per_prompt in images[explore]]
@@ -198,7 +256,6 @@ def diversity(settings, explore_settings):
 # or alpha range, so each is measured here, for each method's own sampler, on the same noise as plain sampling.
 PREMISE_EQ7 = [(w_low, t_thres) for w_low in (0.0, 1.0, 3.0, 5.0) for t_thres in (900, 800, 600, 400)]  # alpha 1
 PREMISE_EQ8 = (1.1, 1.25, 1.5, 2.0)  # alpha_max, with alpha_min 1 and no step at w_low (t_thres 999)
-PREMISE_SD15 = dict(w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0)  # our SD 1.5 defaults, for reference
 PREMISE_COMBINED = 2  # the best settings of Eq. 7 alone and of Eq. 8 alone, combined pairwise
 PREMISE_BOUND = 0.03  # the rule (premise_choice): the judge's and bold's means may fall by at most this
 PREMISE_SAMPLES = 16  # per prompt, from the same noise in every setting
@@ -271,14 +328,13 @@ def premise_sweep(method, out):
     samples): plain sampling, Eq. 7 alone (PREMISE_EQ7), Eq. 8 alone (PREMISE_EQ8), the best of each combined, and our
     SD 1.5 defaults. Each setting's differences from plain, per prompt, with bootstrap intervals; writes
     out/premise.json and returns it."""
-    with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
-        args = diffexp.parse_args(["--model", "shapes", "--method", method, "--out", f"{unused}/run"])
-    prompts = diffexp.load_prompts(args.prompts)
+    args = shapes_args(["--method", method])
+    prompts = runs.load_prompts(args.prompts)
     torch.manual_seed(args.seed)
     pipe = diffexp.load_pipeline("shapes", args.lora_rank, "cpu", torch.float32)  # the starting model: LoRA B = 0
     pipe.scheduler.set_timesteps(args.steps)
     scorers = {name: rewards.load_reward(name, "cpu", torch.float32) for name in ("bold", "shapes_judge")}
-    sampling = diffexp.sampling(args)
+    sampling = diffexp.sampling_settings(args)
     plain = premise_measure(pipe, prompts, sampling, None, scorers)
     settings = []
 
@@ -293,7 +349,7 @@ def premise_sweep(method, out):
         changes = ", ".join(f"{m} {d['mean']:+.3f}" for m, d in settings[-1]["difference"].items())
         print(f"[premise {method}] {kind} {setting}: {changes}", flush=True)
 
-    measure("SD 1.5 default", **PREMISE_SD15)  # first: a combination below may repeat it
+    measure("SD 1.5 default", w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0)  # first: a combination below may repeat it
     for w_low, t_thres in PREMISE_EQ7:
         measure("Eq. 7", w_low=w_low, t_thres=t_thres, alpha_min=1.0, alpha_max=1.0)
     for alpha_max in PREMISE_EQ8:
@@ -316,7 +372,7 @@ def premise(out, parallel=2):
     """Both samplers' sweeps (premise_sweep), one process each, one thread each; writes out/premise.json (the two
     sweeps) and out/premise.png, and returns the results."""
     commands = {method: ("replicate.py", ["--premise-of", method], os.path.join(out, method))
-                for method in diffexp.METHOD_DEFAULTS}
+                for method in runs.METHODS}
     run_in_parallel(commands, parallel)
     samplers = {}
     for method, (_, _, sweep_dir) in commands.items():
@@ -327,12 +383,6 @@ def premise(out, parallel=2):
         json.dump(results, f, indent=1)
     draw_premise(results, os.path.join(out, "premise.png"))
     return results
-
-
-def setting_text(setting):
-    """An exploration setting as the flags that give it."""
-    return (f"--w-low {setting['w_low']:g} --t-thres {setting['t_thres']} --alpha-min {setting['alpha_min']:g} "
-            f"--alpha-max {setting['alpha_max']:g}")
 
 
 def draw_premise(results, path):
@@ -386,30 +436,42 @@ def premise_markdown(results):
                          f"{setting['alpha_max']:g}) | " + " | ".join(cell(d) for d in s["difference"].values())
                          + f" | {'yes' if keeps_premise(s) else 'no'} |")
         lines += ["", f"The rule's choice for {method} ({sweep['choice']['verdict']}): "
-                  f"`{setting_text(sweep['choice']['setting'])}`.", ""]
+                  f"`{' '.join(exploration_flags(**sweep['choice']['setting']))}`.", ""]
     return "\n".join(lines).rstrip()
 
 
-def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None):
-    """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. With a `peer`,
+def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None, runs=None):
+    """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. The runs live in
+    `runs` (default out/runs) as ARM-sSEED, ARM "baseline", "diffexp", the ablation's or the peer's name: replications
+    given one `runs` share the runs whose arguments are equal (run_in_parallel), such as a baseline arm. With a `peer`,
     its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there is no diversity to show."""
     if not 2 <= seeds <= len(T_975) + 1 or parallel < 1:
         raise ValueError(f"replicate needs 2 to {len(T_975) + 1} seeds (for the intervals) and 1 run at a time.")
     if peer and (method != "ddpo" or ablation):
         raise ValueError(f"--peer {peer} compares DDPO without exploration: give --method ddpo and no --ablation.")
     settings = ["--method", method, "--reward", reward, *SETTINGS.get((method, reward), SETTINGS[method]), *extra]
-    arms = {"diffexp": ("diffexp.py", ABLATIONS.get(ablation, [])), "baseline": ("diffexp.py", ["--no-explore"])}
+    compared = peer or "diffexp"  # the compared arm's name in results.json
+    # {arm: (script, its flags, its runs' name)}
+    arms = {"diffexp": ("diffexp.py", ABLATIONS.get(ablation, []), ablation or "diffexp"),
+            "baseline": ("diffexp.py", ["--no-explore"], "baseline")}
     if peer:
         cpu = ["--no-explore", "--device", "cpu"]  # TRL runs here on the CPU, in fp32: so does our arm beside it
-        arms = {peer: ("replicate.py", ["--run-peer", peer, *cpu]), "baseline": ("diffexp.py", cpu)}
-    commands = {f"{arm} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *flags],
-                                   os.path.join(out, "runs", f"{arm}-s{seed}"))
-                for seed in range(seeds) for arm, (script, flags) in arms.items()}
+        arms = {peer: ("replicate.py", ["--run-peer", peer, *cpu], peer), "baseline": ("diffexp.py", cpu, "baseline")}
+    runs = runs or os.path.join(out, "runs")
+    commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *flags],
+                                    os.path.join(runs, f"{name}-s{seed}"))
+                for seed in range(seeds) for script, flags, name in arms.values()}
     run_in_parallel(commands, parallel)
-    logs = {arm: [read_log(os.path.join(out, "runs", f"{arm}-s{seed}")) for seed in range(seeds)] for arm in arms}
-    results = summarise(logs, method, reward, settings) | dict(ablation=ablation,
-                                                               diffexp_flags=arms[peer or "diffexp"][1])
-    results["diversity"], images, prompts = diversity(settings, results["diffexp_flags"]) if not peer else (None,) * 3
+    logs = {arm: [read_log(os.path.join(runs, f"{name}-s{seed}")) for seed in range(seeds)]
+            for arm, (_, _, name) in arms.items()}
+    flags = arms[compared][1]
+    results = summarise(logs, method, reward, settings) | dict(ablation=ablation, diffexp_flags=flags)
+    results |= dict(exploration=None, diversity=None)
+    images, prompts = None, None
+    if not peer:
+        explored = shapes_args([*settings, *flags])
+        results["exploration"] = {k: getattr(explored, k) for k in ("w_low", "t_thres", "alpha_min", "alpha_max")}
+        results["diversity"], images, prompts = diversity(settings, flags)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     draw(results, images, prompts, os.path.join(out, ""))
@@ -425,7 +487,7 @@ def run_peer(peer, argv):
     import random
     import warnings
 
-    args = diffexp.parse_args(argv)
+    args = runs.parse_args(argv)
     if (peer != "trl" or args.method != "ddpo" or not args.no_explore or args.lora_rank != 4 or args.inner_epochs != 1
             or args.device != "cpu"):
         raise ValueError("--peer trl compares DDPO without exploration (--no-explore), LoRA rank 4, 1 inner epoch, on "
@@ -436,7 +498,7 @@ def run_peer(peer, argv):
     except ImportError:
         raise RuntimeError("--peer trl needs trl 0.23.1 on PYTHONPATH: pip install --no-deps --target DIR trl==0.23.1 "
                            "pandas==3.1.1, then PYTHONPATH=DIR (see the README).") from None
-    prompts, reward_fns = diffexp.load_prompts(args.prompts), {}
+    prompts, reward_fns = runs.load_prompts(args.prompts), {}
     for name in (args.reward, "shapes_judge"):
         reward_fns[name] = rewards.load_reward(name, "cpu", torch.float32)
     scores = []  # the epoch's training rewards, as TRL's reward_fn returns them
@@ -484,7 +546,7 @@ def run_peer(peer, argv):
         with rng_kept(), torch.no_grad():
             sd.sd_pipeline.unet.eval()
             sd.sd_pipeline.scheduler.set_timesteps(args.steps)
-            return row | diffexp.evaluate(sd.sd_pipeline, reward_fns, {"unseen": diffexp.load_prompts(
+            return row | diffexp.evaluate(sd.sd_pipeline, reward_fns, {"unseen": runs.load_prompts(
                 args.eval_prompts)}, args, 1)[0]
 
     os.makedirs(args.out, exist_ok=True)
@@ -563,13 +625,44 @@ def labels(results):
     return {arm: f"{method} + DiffExp" + (f" ({flags})" if flags else ""), "baseline": method}
 
 
-def interval(p, signed=True):
-    """A paired statistic as text: mean [95% interval] (n seeds)."""
-    if p["mean"] is None:
-        return "no seed reached it in both arms after the start"
-    form = "+.3g" if signed else ".2f"
-    ci = f" [{p['low']:{form}}, {p['high']:{form}}]" if p["low"] is not None else ""
-    return f"{p['mean']:{form}}{ci} ({p['n']} seeds)"
+def interval(p):
+    """A paired difference as text: mean [95% interval] (n seeds), or below 3 seeds the per-seed values."""
+    if p["low"] is None:
+        return "per seed " + ", ".join(f"{d:+.3g}" for d in p["per_seed"]) + f" ({p['n']} seeds, no interval)"
+    return f"{p['mean']:+.3g} [{p['low']:+.3g}, {p['high']:+.3g}] ({p['n']} seeds)"
+
+
+def ratio_text(p, short):
+    """A ratio as text: geometric mean [95% interval] (n seeds), below 3 seeds the per-seed values. Where seeds were
+    censored at the budget it says how many, and the ratio is a bound (>= where only the compared arm, `short`, never
+    reached the level; <= where only the baseline did not)."""
+    if p["low"] is None:
+        return "per seed " + ", ".join(f"{r:.2f}" for r in p["per_seed"]) + f" ({p['n']} seeds, no interval)"
+    censored = p.get("censored", dict(compared=0, baseline=0))
+    notes = [f"{p['n']} seeds"]
+    if censored["compared"]:
+        notes.append(f"{short} never reached it on {censored['compared']}, counted at the budget")
+    if censored["baseline"]:
+        notes.append(f"the baseline never reached it on {censored['baseline']}, counted at the budget")
+    bound = {(True, False): ">= ", (False, True): "<= "}.get((censored["compared"] > 0, censored["baseline"] > 0), "")
+    return f"{bound}{p['mean']:.2f} [{p['low']:.2f}, {p['high']:.2f}] ({'; '.join(notes)})"
+
+
+def area_text(results, short):
+    """The area ratio as text (ratio_text), or the per-seed areas where one is not positive."""
+    area = results["area"]
+    if area["mean"] is not None:
+        return ratio_text(area, short)
+    compared, baseline = (", ".join(f"{a:+.3f}" for a in area["areas"][name]) for name in (results["arms"][0],
+                                                                                             "baseline"))
+    return f"an area is not positive: {short} {compared}; baseline {baseline}"
+
+
+def queries_text(per_seed, budget):
+    """The mean queries over seeds to a level, a seed that never reaches it counted at the budget (then >=)."""
+    counted = [budget if q is None else q for q in per_seed]
+    never = per_seed.count(None)
+    return f"{np.mean(counted):.0f}" if not never else f">= {np.mean(counted):.0f} ({never} never)"
 
 
 def no_gain(results, metric):
@@ -584,22 +677,24 @@ def no_gain(results, metric):
 
 def markdown(results):
     """The tables of a results file (figures/README.md shows them): queries to reach fractions of the baseline's gain
-    with the per-seed ratio, final values, the paired differences with their intervals, and diversity."""
-    def queries(cell):
-        return "never" if cell["queries"] is None else f"{cell['queries']:.0f}" + (
-            "" if cell["reached"].split("/")[0] == cell["reached"].split("/")[1] else f" ({cell['reached']} seeds)")
-
+    with the per-seed ratio, the area under the gain curve, final values, the paired differences with their
+    intervals, and diversity."""
     reward, lines, arm = results["reward"], [], results["arms"][0]
     short = "DiffExp" if arm == "diffexp" else PEERS[arm]
     evaluation = f"eval_unseen_{reward}"
-    lines += [f"| reward queries to reach a fraction of the baseline's gain: {short} vs baseline, per-seed ratio "
-              "[95% interval] | 50% | 75% | 90% |",
+    lines += [f"| reward queries to reach a fraction of the baseline's gain: {short} vs baseline (a seed that never "
+              "does counted at the budget), per-seed ratio, geometric mean [95% interval] | 50% | 75% | 90% |",
               "|---|---|---|---|"]
     for metric, name in (("reward_mean", "training samples"), (evaluation, "evaluation, unseen prompts")):
-        cells = [f"{queries(r[arm])} vs {queries(r['baseline'])}, ratio {interval(r['ratio'], signed=False)}"
-                 for r in results["table"][metric]]
-        lines.append(f"| {name} | " + " | ".join([no_gain(results, metric), "", ""] if no_gain(results, metric)
-                                                  else cells) + " |")
+        budget = results["curves"][f"baseline/{metric}"]["queries"][-1]
+        cells = [f"{queries_text(r['queries'][arm], budget)} vs {queries_text(r['queries']['baseline'], budget)}, "
+                 f"ratio {ratio_text(r['ratio'], short)}" for r in results["table"][metric]]
+        if no_gain(results, metric):
+            cells = [no_gain(results, metric), "", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    area = no_gain(results, evaluation) or area_text(results, short)
+    lines += ["", f"| area under the gain curve of the unseen prompts' {reward}, {short} / baseline, per seed "
+              "| geometric mean [95% interval] |", "|---|---|", f"| {evaluation} | {area} |"]
     lines += ["", f"| final value (mean +- std over seeds) | {short} | baseline |", "|---|---|---|"]
     for key in results["final"]:
         name, metric = key.split("/")
@@ -618,22 +713,41 @@ def markdown(results):
     return "\n".join(lines)
 
 
-HEADLINE = ("| replication | seeds | queries to 75% of the baseline's gain, ratio [95% interval] | final reward, "
-            "paired difference | final judge, paired difference | judge, start -> end (both arms) |\n"
-            "|---|---|---|---|---|---|")
+def exploration_text(exploration):
+    """DiffExp's setting in a results file, in a few words."""
+    if exploration["t_thres"] >= 999:
+        eq7 = "no step at w_low"
+    else:
+        eq7 = f"w_low {exploration['w_low']:g} for t > {exploration['t_thres']}"
+    if exploration["alpha_max"] == 1:
+        return f"{eq7}, alpha 1"
+    return f"{eq7}, alpha U({exploration['alpha_min']:g}, {exploration['alpha_max']:g})"
+
+
+HEADLINE = ("| replication | seeds | DiffExp's exploration | queries to 75% of the baseline's gain, DiffExp / baseline "
+            "[95% interval] | area under the gain curve, DiffExp / baseline [95% interval] | final reward, paired "
+            "difference | final judge, paired difference | judge, start -> end (both arms) |\n"
+            "|---|---|---|---|---|---|---|---|")
+HEADLINE_PEER = ("| comparison | seeds | queries to 75% of ours' gain, peer / ours [95% interval] | area under the "
+                 "gain curve, peer / ours [95% interval] | final reward, peer - ours | final judge, peer - ours | judge, "
+                 "start -> end (peer / ours) |\n|---|---|---|---|---|---|---|")
 
 
 def headline(name, results):
-    """One row of the README's headline table: HEADLINE's columns for the results file figures/headline_NAME.json."""
+    """One row of the README's headline table (HEADLINE's columns; HEADLINE_PEER's for a peer) for the results file
+    figures/headline_NAME.json."""
     arm, evaluation = results["arms"][0], f"eval_unseen_{results['reward']}"
+    short = "DiffExp" if arm == "diffexp" else PEERS[arm]
     at_75 = next(row for row in results["table"][evaluation] if row["fraction"] == 0.75)
     mean = results["curves"][f"baseline/{evaluation}"]["mean"]
-    ratio = f"no gain (the baseline {mean[-1] - mean[0]:+.3f})" if no_gain(results, evaluation) else interval(
-        at_75["ratio"], signed=False)
+    ratio = area = f"no gain (the baseline {mean[-1] - mean[0]:+.3f})"
+    if not no_gain(results, evaluation):
+        ratio, area = ratio_text(at_75["ratio"], short), area_text(results, short)
     judge = "eval_unseen_shapes_judge"
     start = results["curves"][f"baseline/{judge}"]["mean"][0]
     ends = " / ".join(f"{results['final'][f'{a}/{judge}']['mean']:.3f}" for a in results["arms"])
-    return (f"| [{name}](figures/README.md#{name}) | {results['seeds']} | {ratio} | "
+    exploration = "" if arm in PEERS else f" {exploration_text(results['exploration'])} |"
+    return (f"| [{name}](figures/README.md#{name}) | {results['seeds']} |{exploration} {ratio} | {area} | "
             f"{interval(results['paired'][f'final {evaluation}'])} | {interval(results['paired'][f'final {judge}'])} "
             f"| {start:.3f} -> {ends} |")
 
@@ -678,7 +792,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="DiffExp against its baseline on the shapes model, several seeds; "
                                      "any other flag goes to diffexp.py for both arms (e.g. --epochs 30).",
                                      allow_abbrev=False)  # --seed is diffexp.py's, not an abbreviation of --seeds
-    parser.add_argument("--method", choices=diffexp.METHOD_DEFAULTS, help="ddpo or alignprop")
+    parser.add_argument("--method", choices=runs.METHODS, help="ddpo or alignprop")
     parser.add_argument("--reward", default="bold",
                         help="a shapes-world reward: bold, fidelity, colour or shapes_judge")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (at least 2)")
@@ -690,7 +804,7 @@ def main(argv=None):
                         "diffexp.py flags given with it and write its log.jsonl")
     parser.add_argument("--premise", action="store_true", help="the premise sweep: exploration settings against "
                         "plain sampling at the starting model, for both methods' samplers (no training)")
-    parser.add_argument("--premise-of", choices=diffexp.METHOD_DEFAULTS, help="(what --premise runs) one sampler's "
+    parser.add_argument("--premise-of", choices=runs.METHODS, help="(what --premise runs) one sampler's "
                         "sweep, written to --out/premise.json")
     parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD-REWARD[-ABLATION][-PEER]"
                         "[-FLAGS], or runs/premise)")
@@ -698,8 +812,9 @@ def main(argv=None):
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="draw the reward curves of these run "
                         "directories of diffexp.py (any model) into --plot-out, against reward queries, and exit")
     parser.add_argument("--plot-out", default="reward_curves.png", help="where --plot writes its figure")
-    parser.add_argument("--redraw", metavar="NAME.json", help="redraw a results file's figures beside it "
-                        "(NAME_curves.png, NAME_diversity.png: its samples drawn again) and print its README tables")
+    parser.add_argument("--redraw", metavar="NAME.json", help="derive a results file's statistics again from its "
+                        "curves (into the file), redraw its figures beside it (NAME_curves.png, NAME_diversity.png: "
+                        "its samples drawn again; a premise sweep's NAME.png) and print its README tables")
     args, extra = parser.parse_known_args(argv)
     if args.run_peer:
         try:
@@ -728,6 +843,9 @@ def main(argv=None):
         if results.get("kind") == "premise":
             draw_premise(results, args.redraw.removesuffix(".json") + ".png")
             return print(premise_markdown(results))
+        results = derive(results)  # the statistics again, from the curves: the file gets today's
+        with open(args.redraw, "w") as f:
+            json.dump(results, f, indent=1)
         peer = results["arms"][0] in PEERS
         _, images, prompts = diversity(results["settings"], results["diffexp_flags"]) if not peer else (None,) * 3
         draw(results, images, prompts, args.redraw.removesuffix(".json") + "_")
@@ -736,8 +854,12 @@ def main(argv=None):
         parser.error("give --method ddpo or alignprop (or --redraw a results file).")
     suffix = "".join(f"-{x.lstrip('-')}" for x in (args.reward, args.ablation, args.peer, *extra) if x)
     out = args.out or os.path.join("runs", f"replicate-{args.method}{suffix}")
+    # Without --out, a replication and its ablations keep their runs in one place: they share the baseline arm's.
+    shared = "".join(f"-{x.lstrip('-')}" for x in (args.reward, *extra))
+    runs_dir = None if args.out or args.peer else os.path.join("runs", f"replicate-{args.method}{shared}", "runs")
     try:
-        results = replicate(args.method, args.seeds, out, args.reward, args.ablation, args.parallel, extra, args.peer)
+        results = replicate(args.method, args.seeds, out, args.reward, args.ablation, args.parallel, extra, args.peer,
+                            runs_dir)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(markdown(results))

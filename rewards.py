@@ -26,7 +26,9 @@ Names:
 Every reward network is frozen and in eval mode: gradients reach only the images. Each returned fn
 carries `fn.differentiable` (bool) and `fn.networks` (the frozen modules it runs). To validate a name
 WITHOUT loading any model (e.g. refuse `jpeg` for AlignProp while parsing arguments), call
-`check_reward(name, need_grad=True)`; load_reward runs the same check first.
+`check_reward(name, need_grad=True)`; load_reward runs the same check first. Each function imports what it
+needs, torch included, so that importing this module loads nothing heavy: a command line's reward name is
+checked in milliseconds.
 
 The aesthetic head is downloaded from the hub; to use a local copy of sac+logos+ava1-l14-linearMSE.pth
 instead, set the environment variable DIFFEXP_AESTHETIC_HEAD=/path/to/sac+logos+ava1-l14-linearMSE.pth.
@@ -39,10 +41,6 @@ import io
 import math
 import os
 from collections import OrderedDict
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 # Typical magnitude of each reward on SD 1.5 samples: ours, rough round values, not tuned (the paper
 # does not state how it combines rewards). Only these rewards may join an ensemble.
@@ -106,6 +104,7 @@ def check_prompt(name, prompt):
 
 def load_reward(name, device, dtype, tiny=False):
     """Return fn(images [B,3,H,W] in [0,1], prompts) -> float32 scores [B]; networks run in `dtype`."""
+    import torch
     check_reward(name)
     members = name.split("+")
     if name == "imagereward":
@@ -136,6 +135,7 @@ def clip_preprocess(images, size):
 
 def aesthetic_head(state_dict_or_path):
     """The LAION aesthetic MLP, from a state dict or a .pth file with keys layers.0/2/4/6/7.{weight,bias}."""
+    import torch
     state = state_dict_or_path
     if not isinstance(state, dict):
         state = torch.load(state, map_location="cpu", weights_only=True)  # the real file holds CUDA tensors
@@ -149,20 +149,45 @@ def aesthetic_head(state_dict_or_path):
 
 def _aesthetic_mlp(in_dim):
     # Linear layers only: the upstream ReLUs are commented out. Dropout is inactive in eval mode.
+    from torch import nn
     return nn.Sequential(OrderedDict(layers=nn.Sequential(
         nn.Linear(in_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))))
 
 
-def _fetch(reward, what, load):
-    """load(), or one clear line: which reward needs which download, and the ways around it."""
+def hub_unreachable():
+    """Why the Hugging Face Hub cannot be reached (one request, no retries), or None. Where it cannot, a file missing
+    from the cache would cost half a minute: huggingface_hub retries it 5 times, 1 to 8 s apart (23 s here), for every
+    file. HF_HUB_OFFLINE=1 skips even this request."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
     try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as e:  # no network, no DNS, a proxy that refuses: whatever it is, the hub is out of reach
+        return f"{type(e).__name__} from {constants.ENDPOINT}"
+    return None
+
+
+def _fetch(reward, what, load):
+    """load(), or one clear line: which reward needs which download, and the ways around it. Where the hub cannot be
+    reached, load() runs in huggingface_hub's offline mode: a cached file loads, a missing one fails at once."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    unreachable = hub_unreachable()
+    try:
+        constants.HF_HUB_OFFLINE = bool(unreachable)  # no retries for a file that cannot be downloaded
         return load()
     except Exception as e:  # no network, offline mode, a moved repository: the libraries' own messages are long
-        hint = (f", or set DIFFEXP_AESTHETIC_HEAD to a local copy of {AESTHETIC_HEAD_FILE}"
-                if reward == "aesthetic" else "")
-        raise RuntimeError(f"reward {reward}: cannot download {what} ({type(e).__name__}); check the network and "
-                           f"HF_HUB_OFFLINE{hint}, or run offline with --model shapes and --reward colour") from None
+        hint = f", or set DIFFEXP_AESTHETIC_HEAD to a local copy of {AESTHETIC_HEAD_FILE}" if reward == "aesthetic" else ""
+        reason = unreachable or type(e).__name__
+        raise RuntimeError(f"reward {reward}: cannot download {what} ({reason}); check the network and "
+                           f"HF_HUB_OFFLINE{hint}, or run offline with --model shapes --reward bold") from None
+    finally:
+        constants.HF_HUB_OFFLINE = offline
 
 
 def _aesthetic_head_file():
@@ -180,12 +205,14 @@ def _frozen(module, device, dtype):
 
 def _seeded(build):
     # Fixed weights for tiny models without disturbing the caller's global RNG.
+    import torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         return build()
 
 
 def _tiny_open_clip():
+    import torch
     import open_clip
     vision = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16)
     model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=dict(width=32, heads=2, layers=2))
@@ -199,6 +226,8 @@ def _tiny_aesthetic_head(in_dim):
     # Default Linear init shrinks the signal at each of the five layers, leaving a constant score. Instead:
     # weights N(0, 1/fan_in), zero biases, and the last layer TINY_AESTHETIC_GAIN times larger, so that the
     # score moves by a fraction of a point across a tiny model's images, as the real predictor does on SD samples.
+    import torch
+    from torch import nn
     head = _aesthetic_mlp(in_dim)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
@@ -217,11 +246,13 @@ def _check_inputs(images, prompts):
 
 
 def _cos(a, b):
+    import torch.nn.functional as F
     return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
 
 
 def _aesthetic(device, dtype, tiny):
     import open_clip
+    import torch.nn.functional as F
     if tiny:
         clip, head = _seeded(_tiny_open_clip), _seeded(lambda: _tiny_aesthetic_head(32))
     else:
@@ -245,6 +276,7 @@ def _aesthetic(device, dtype, tiny):
 
 
 def _pickscore(device, dtype, tiny):
+    import torch
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
     if tiny:
         import open_clip
@@ -284,6 +316,7 @@ def _pickscore(device, dtype, tiny):
 
 
 def _hps(device, dtype, tiny):
+    import torch
     import open_clip
     if tiny:
         model = _seeded(_tiny_open_clip)
@@ -309,12 +342,14 @@ def _hps(device, dtype, tiny):
 
 
 def _to_pil(images):
+    import torch
     from PIL import Image
     images = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
     return [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]  # NCHW -> NHWC
 
 
 def _jpeg(device, dtype, tiny):
+    import torch
     def fn(images, prompts):
         _check_inputs(images, prompts)
         sizes = []
@@ -339,6 +374,7 @@ def _jpeg_compressibility(device, dtype, tiny):
 
 
 def _imagereward(device, dtype, tiny):
+    import torch
     if tiny:
         raise ValueError("imagereward has no tiny version; use it only with tiny=False (evaluation)")
     try:
@@ -359,6 +395,7 @@ def _imagereward(device, dtype, tiny):
 
 
 def _colour(device, dtype, tiny):
+    import torch
     import shapes
     names = list(shapes.COLOURS)
 
@@ -387,6 +424,8 @@ def _fidelity(device, dtype, tiny):
 
 
 def _bold(device, dtype, tiny):
+    import torch
+    import torch.nn.functional as F
     import shapes
     names = list(shapes.PALETTE_RGB)
 
@@ -432,6 +471,7 @@ def _bold(device, dtype, tiny):
 
 
 def _shapes_judge(device, dtype, tiny):
+    import torch
     import shapes
 
     def fn(images, prompts):

@@ -3,6 +3,8 @@
 Run: python -m pytest -q test_diffexp.py
 """
 
+import ast
+import builtins
 import copy
 import dataclasses
 import hashlib
@@ -10,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +27,7 @@ import diffexp
 import open_clip
 import replicate
 import rewards
+import runs
 import shapes
 from PIL import Image
 
@@ -248,6 +252,92 @@ def test_sampler_is_not_no_grad(pipe):
 # Models
 
 
+METHOD_IMPORTS = "import math\nimport torch\nfrom diffusers import DDIMScheduler\n"  # all the method section needs
+
+
+def method_section():
+    """diffexp.py's method section as a copy-paster takes it, read with ast: the top-level statements between the
+    "1. The method" and "2. Training" headers (nothing of diffexp.py is imported)."""
+    text = open(os.path.join(HERE, "diffexp.py"), encoding="utf-8").read()
+    lines = text.splitlines()
+    start = next(k for k, line in enumerate(lines, 1) if line.startswith("# ==== 1. The method"))
+    end = next(k for k, line in enumerate(lines, 1) if line.startswith("# ==== 2. Training"))
+    return ast.Module(body=[node for node in ast.parse(text).body if start < node.lineno < end], type_ignores=[])
+
+
+def free_names(module):
+    """The names a module reads that it neither defines (functions, classes, arguments, assignments, imports) nor
+    takes from Python's builtins."""
+    read, defined = set(), set(dir(builtins))
+    for node in ast.walk(module):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else defined).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.alias):
+            defined.add((node.asname or node.name).split(".")[0])
+    return read - defined
+
+
+def test_the_method_section_lifts_alone_into_a_plain_diffusers_pipeline():
+    """The paper's method, lifted by its source alone with the three imports it names, runs DiffExp sampling,
+    DDPO's loss (the recomputed log-probs of its own explored samples give a ratio of 1) and AlignProp's loss (its
+    gradient reaches the UNet) on a plain StableDiffusionPipeline loaded from shapes_model/. It fails as soon as the
+    section borrows a name from the rest of the file: statically, and when the borrowed name runs."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    section = method_section()
+    assert free_names(ast.Module(body=ast.parse(METHOD_IMPORTS).body + section.body, type_ignores=[])) == set()
+    lifted = {}
+    exec(compile(METHOD_IMPORTS, "imports", "exec"), lifted)
+    exec(compile(section, "diffexp.py, the method section", "exec"), lifted)
+    assert {"cfg_scale_schedule", "draw_prompt_weights", "weight_prompt_embeds", "explores", "cfg_noise_pred",
+            "ddim_step_with_logprob", "sample", "encode_prompts", "sample_batch", "PerPromptStatTracker",
+            "ddpo_log_prob", "ddpo_loss", "alignprop_loss"} <= set(lifted)
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(HERE, "shapes_model"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.scheduler.set_timesteps(10)
+    prompts = ["a red circle", "a blue square on a white background"]
+    explore = dict(explore=True, w_low=0.0, t_thres=600, alpha_min=1.0, alpha_max=2.0)
+    with torch.no_grad():
+        out = lifted["sample_batch"](pipe, prompts, torch.Generator().manual_seed(0), w_high=5.0, eta=1.0, **explore)
+        batch = out | dict(timesteps=pipe.scheduler.timesteps)
+        i, s = torch.tensor([0, 1]), torch.tensor([2, 7])  # one explored (t 801 > 600, w_low) and one plain step
+        log_prob = lifted["ddpo_log_prob"](pipe, batch, i, s, 1.0)
+    old_log_prob = out["log_probs"][i, s]
+    assert torch.allclose(log_prob, old_log_prob, atol=1e-4)
+    advantages = lifted["PerPromptStatTracker"](32, 16).update(prompts, out["log_probs"].new_tensor([0.2, 0.8]))
+    assert lifted["ddpo_loss"](log_prob, old_log_prob, advantages.float(), 1e-4, 5.0).abs() < 1e-3  # ratio 1: -mean A
+    reward_fn = lambda images, prompts: images.mean(dim=(1, 2, 3))
+    loss, reward, images = lifted["alignprop_loss"](pipe, reward_fn, prompts, torch.Generator().manual_seed(1), 2,
+                                                    0.01, w_high=7.5, eta=0.0, **explore)
+    loss.backward()
+    assert images.shape == (2, 3, 32, 32) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                                  for p in pipe.unet.parameters())
+    # SD 1.5 ships PNDM: the lifted sampler refuses it in one line that says how to convert
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(10)
+    with pytest.raises(TypeError, match=r"scheduler is PNDMScheduler; convert it first: pipe.scheduler = "
+                                        r"DDIMScheduler.from_config\(pipe.scheduler.config\)"):
+        with torch.no_grad():
+            lifted["sample_batch"](pipe, prompts, torch.Generator().manual_seed(0), w_high=5.0, eta=1.0)
+
+
+def test_the_ddim_step_refuses_other_schedulers(pipe):
+    """ddim_step_with_logprob, lifted alone with another scheduler, says so instead of failing deep inside (Euler has
+    no final_alpha_cumprod) or stepping wrongly (PNDM's timesteps repeat one)."""
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    euler.set_timesteps(10)
+    x = torch.randn(1, 4, 16, 16)
+    with pytest.raises(TypeError, match=r"the scheduler is EulerDiscreteScheduler; convert it first"):
+        diffexp.ddim_step_with_logprob(euler, torch.randn_like(x), euler.timesteps[0], x, eta=1.0)
+
+
 def test_tiny_pipeline_saves_and_loads_back(tmp_path):
     shapes.tiny_pipeline(seed=0).save_pretrained(tmp_path / "tiny")
     loaded = diffexp.load_pipeline(str(tmp_path / "tiny"), lora_rank=4, device="cpu", dtype=torch.float32)
@@ -340,7 +430,7 @@ def fine_tune_shapes(seed, explore, epochs, lr, steps=10, batch_size=32):
     """`epochs` of AlignProp with the bold reward on the shipped shapes model, on [bold], 2 updates an epoch;
     returns the mean reward on the held-out prompts of [unseen_bold] from held-out noise (never a training draw) before
     and after, and the UNet's state dicts before and after."""
-    args = diffexp.parse_args(["--method", "alignprop", "--model", "shapes", "--steps", str(steps),
+    args = runs.parse_args(["--method", "alignprop", "--model", "shapes", "--steps", str(steps),
                                "--batch-size", str(batch_size), "--micro-batch-size", str(batch_size // 2),
                                "--train-batch-size", str(batch_size // 2), "--lr", str(lr), "--seed", str(seed),
                                *UNUSED_OUT])
@@ -348,13 +438,13 @@ def fine_tune_shapes(seed, explore, epochs, lr, steps=10, batch_size=32):
     torch.manual_seed(seed)
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(args.steps)
-    reward, prompts, held_out = (rewards.load_reward("bold", "cpu", torch.float32), diffexp.load_prompts(args.prompts),
-                                 diffexp.load_prompts(args.eval_prompts))
+    reward, prompts, held_out = (rewards.load_reward("bold", "cpu", torch.float32), runs.load_prompts(args.prompts),
+                                 runs.load_prompts(args.eval_prompts))
 
     def evaluate():
         with torch.no_grad():
             images = diffexp.sample_batch(p, held_out * 2, torch.Generator().manual_seed(10_000 + seed),
-                                          **diffexp.sampling(args))["images"]
+                                          **diffexp.sampling_settings(args))["images"]
             return reward(images, held_out * 2).mean().item()
 
     lora = [q for q in p.unet.parameters() if q.requires_grad]
@@ -378,7 +468,7 @@ def assert_only_lora_changed(before, after):
 
 def test_ddpo_refuses_eta_zero(capsys):
     with pytest.raises(SystemExit):
-        diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", "--model", "tiny", "--eta", "0"])
+        runs.parse_args(["--method", "ddpo", "--reward", "jpeg", "--model", "tiny", "--eta", "0"])
     assert "DDPO needs --eta > 0" in capsys.readouterr().err
 
 
@@ -581,11 +671,11 @@ def test_bf16_frozen_weights_with_fp32_lora(model):
     common = ["--model", model, "--steps", "4", "--batch-size", "2", "--micro-batch-size", "2",
               "--train-batch-size", "2", *UNUSED_OUT]
     reward = pattern_reward()
-    row, _ = diffexp.alignprop_epoch(p, reward, ["cat", "dog"], diffexp.parse_args(["--method", "alignprop", *common]),
+    row, _ = diffexp.alignprop_epoch(p, reward, ["cat", "dog"], runs.parse_args(["--method", "alignprop", *common]),
                                      True, torch.Generator().manual_seed(0), optimizer, scaler, 1)
     assert row["skipped_updates"] == 0 and math.isfinite(row["loss"])
     row, _ = diffexp.ddpo_epoch(p, reward, ["cat", "dog"],
-                                diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *common]), True,
+                                runs.parse_args(["--method", "ddpo", "--reward", "jpeg", *common]), True,
                                 torch.Generator().manual_seed(0), optimizer, scaler,
                                 diffexp.PerPromptStatTracker(32, 16), 1)
     assert row["skipped_updates"] == 0 and row["clipfrac"] == 0.0
@@ -641,7 +731,7 @@ def lora_weights(run_dir):
 ])
 def test_bad_arguments_fail_with_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        diffexp.parse_args(["--model", "tiny", *argv])
+        runs.parse_args(["--model", "tiny", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]  # one line, no usage block
@@ -650,45 +740,45 @@ def test_bad_arguments_fail_with_one_clear_line(argv, message, capsys):
 def test_resume_and_generate_take_the_runs_own_settings(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    original = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "50",
+    original = runs.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "50",
                                    "--eval-every", "3", "--save-every", "5", "--eval-reward", "aesthetic",
                                    "--lr", "0.02", *UNUSED_OUT])
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
     for mode in ("--resume", "--generate"):
-        args = diffexp.parse_args([mode, str(run)])
+        args = runs.parse_args([mode, str(run)])
         assert ((args.method, args.epochs, args.eval_every, args.save_every, args.eval_reward, args.lr, args.steps)
                 == ("ddpo", 50, 3, 5, "aesthetic", 0.02, 4))
-    assert diffexp.parse_args(["--resume", str(run), "--epochs", "60"]).epochs == 60
+    assert runs.parse_args(["--resume", str(run), "--epochs", "60"]).epochs == 60
     with pytest.raises(SystemExit):
-        diffexp.parse_args(["--resume", str(run), "--method", "alignprop", "--reward", "aesthetic"])
+        runs.parse_args(["--resume", str(run), "--method", "alignprop", "--reward", "aesthetic"])
     assert "setting method was 'ddpo' there and is 'alignprop' now" in capsys.readouterr().err
 
 
 def test_overwrite_deletes_only_run_directories_and_wandb_must_be_installed(tmp_path, capsys, monkeypatch):
     (tmp_path / "precious.txt").write_text("not a run")
     with pytest.raises(SystemExit):
-        diffexp.parse_args(["--model", "tiny", "--out", str(tmp_path), "--overwrite"])
+        runs.parse_args(["--model", "tiny", "--out", str(tmp_path), "--overwrite"])
     assert "is not a run directory" in capsys.readouterr().err and (tmp_path / "precious.txt").exists()
-    monkeypatch.setattr(diffexp.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runs.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit):
-        diffexp.parse_args(["--model", "tiny", "--wandb", *UNUSED_OUT])
+        runs.parse_args(["--model", "tiny", "--wandb", *UNUSED_OUT])
     assert "pip install wandb" in capsys.readouterr().err
 
 
 def test_empty_prompt_set_is_refused_and_a_prompt_file_is_accepted(tmp_path, monkeypatch, capsys):
     own = tmp_path / "my_prompts.txt"
     own.write_text("# my own prompts\na red circle\n\na blue square\n")
-    args = diffexp.parse_args(["--model", "tiny", "--prompts", str(own), "--eval-prompts", str(own), *UNUSED_OUT])
-    assert diffexp.load_prompts(args.prompts) == ["a red circle", "a blue square"]
+    args = runs.parse_args(["--model", "tiny", "--prompts", str(own), "--eval-prompts", str(own), *UNUSED_OUT])
+    assert runs.load_prompts(args.prompts) == ["a red circle", "a blue square"]
     (tmp_path / "prompts.txt").write_text("[animals]\ncat\n[unseen_animals]\n# nothing here\n")
-    monkeypatch.setattr(diffexp, "PROMPTS_FILE", str(tmp_path / "prompts.txt"))
+    monkeypatch.setattr(runs, "PROMPTS_FILE", str(tmp_path / "prompts.txt"))
     with pytest.raises(SystemExit):
-        diffexp.parse_args(["--model", "tiny"])
+        runs.parse_args(["--model", "tiny"])
     assert "prompts 'unseen_animals': no such file, nor a set of prompts.txt with prompts" in capsys.readouterr().err
 
 
 def test_prompts_txt_has_the_papers_sets():
-    load = diffexp.load_prompts
+    load = runs.load_prompts
     assert (len(load("animals")) == 45 and len(load("unseen_animals")) == 6
             and not set(load("animals")) & set(load("unseen_animals")))
     assert len(load("animal_activities")) == 135 and "a monkey washing the dishes" in load("animal_activities")
@@ -711,12 +801,12 @@ def test_without_the_hub_failures_are_one_line_naming_the_fix(tmp_path):
     code, out, err = run_cli("--method", "ddpo", "--reward", "jpeg", "--model", "nobody/no-such-model", "--out", run)
     assert code == 1 and "Traceback" not in err and not os.path.exists(run)
     assert (err.strip().splitlines()[-1].startswith("error: cannot load --model 'nobody/no-such-model'")
-            and "--model shapes" in err)
+            and "--model shapes --reward bold" in err)
     code, out, err = run_cli("--method", "alignprop", "--reward", "aesthetic", "--model", "shapes", "--out", run)
     last = err.strip().splitlines()[-1]
     assert code == 1 and "Traceback" not in err and not os.path.exists(run)
     assert ("reward aesthetic" in last and "sac+logos+ava1-l14-linearMSE.pth" in last
-            and "DIFFEXP_AESTHETIC_HEAD" in last)
+            and "DIFFEXP_AESTHETIC_HEAD" in last and last.endswith("or run offline with --model shapes --reward bold"))
     assert len([line for line in err.splitlines() if "Retrying" in line or "connect" in line.lower()]) == 0
 
 
@@ -741,7 +831,8 @@ def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
     fresh = shapes.tiny_pipeline()
     fresh.load_lora_weights(os.path.join(run, "checkpoint"))
     trained = diffexp.load_pipeline("tiny", 4, "cpu", torch.float32)
-    diffexp.load_checkpoint(run, trained.unet)
+    lora, _ = diffexp.load_checkpoint(run)
+    diffexp.put_lora(trained.unet, lora)
     x, c = torch.randn(1, 4, 16, 16), diffexp.encode_prompts(fresh, ["cat"])[0]["encoder_hidden_states"]
     with torch.no_grad():
         assert torch.allclose(fresh.unet(x, 500, encoder_hidden_states=c).sample,
@@ -763,7 +854,7 @@ def test_cli_run_writes_logs_grids_and_a_loadable_lora(tmp_path):
 
 def test_defaults_come_from_the_small_model_then_the_method_then_the_common_table():
     def args(*argv):
-        return diffexp.parse_args([*argv, *UNUSED_OUT])
+        return runs.parse_args([*argv, *UNUSED_OUT])
 
     shapes_ddpo, shapes_alignprop, sd_alignprop = (
         args("--model", "shapes", "--method", "ddpo"), args("--model", "shapes"), args())
@@ -782,7 +873,7 @@ def test_default_run_directories_do_not_collide():
     """The default --out names the method, reward, model, arm, every setting that differs from its default, and the
     seed."""
     def name(*argv):
-        return diffexp.parse_args(list(argv)).out
+        return runs.parse_args(list(argv)).out
 
     base = name("--model", "tiny")
     assert base == os.path.join("runs", "alignprop-aesthetic-tiny-diffexp-s0")
@@ -861,7 +952,7 @@ def test_resume_continues_exactly(tmp_path, method, reward, capsys):
 
 def test_nan_reward_skips_the_update(pipe):
     """A NaN reward skips the update (never NaN weights) and is counted in the log row."""
-    args = diffexp.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, *UNUSED_OUT])
+    args = runs.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, *UNUSED_OUT])
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in lora]
     optimizer = torch.optim.AdamW(lora, lr=0.1)
@@ -873,7 +964,7 @@ def test_nan_reward_skips_the_update(pipe):
         row, _ = diffexp.ddpo_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0),
                                     optimizer, scaler, diffexp.PerPromptStatTracker(32, 16), 1)
         assert row["skipped_updates"] == 1 and math.isnan(row["reward_mean"])
-        args = diffexp.parse_args(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, *UNUSED_OUT])
+        args = runs.parse_args(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, *UNUSED_OUT])
         row, _ = diffexp.alignprop_epoch(pipe, nan_reward, ["cat", "dog"], args, True, torch.Generator().manual_seed(0),
                                          optimizer, scaler, 1)
         assert row["skipped_updates"] == 1 and math.isnan(row["loss"])
@@ -916,6 +1007,79 @@ def test_resume_after_a_crash_inside_the_checkpoint_swap(tmp_path):
     assert torch.load(os.path.join(run, "checkpoint", "state.pt"), weights_only=False)["epoch"] == 3
 
 
+def files_of(path):
+    """Every file under path with its bytes and modification time: what a refusal must leave as it was."""
+    found = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            file = os.path.join(folder, name)
+            with open(file, "rb") as f:
+                found[os.path.relpath(file, path)] = (f.read(), os.stat(file).st_mtime_ns)
+    return found
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_that_names_the_file_and_changes_nothing(tmp_path):
+    """--resume and --generate read the checkpoint whole before anything else: a LoRA or optimizer state that is cut
+    short (as an interrupted copy leaves it), garbled or missing ends the process in one line naming the file and the
+    way out, exit 2, and every file of the run directory stays as it was."""
+    made = str(tmp_path / "made")
+    diffexp.main(["--method", "alignprop", "--reward", "aesthetic", *TINY_RUN, "--epochs", "1", "--eval-every", "0",
+                  "--out", made])
+    lora, state = (os.path.join("checkpoint", name) for name in (diffexp.LORA_FILE, "state.pt"))
+    damages = {
+        "the LoRA cut short": (lora, lambda data: data[:100]),
+        "the LoRA garbled": (lora, lambda data: bytes(len(data))),
+        "the LoRA missing": (lora, None),
+        "the optimizer state cut short": (state, lambda data: data[: len(data) // 2]),
+    }
+    for damage, (name, change) in damages.items():
+        run = str(tmp_path / damage.replace(" ", "_"))
+        shutil.copytree(made, run)
+        file = os.path.join(run, name)
+        if change is None:
+            os.remove(file)
+        else:
+            with open(file, "rb") as f:
+                data = f.read()
+            with open(file, "wb") as f:
+                f.write(change(data))
+        before = files_of(run)
+        modes = [["--resume", run, "--epochs", "2"]] + [["--generate", run]] * (name == lora and change is None)
+        for mode in modes:
+            code, out, err = run_cli(*mode)
+            assert code == 2 and "Traceback" not in err, (damage, mode, err)
+            assert (len(err.splitlines()) == 1 and err.startswith(f"error: cannot read {file} (")
+                    and "the checkpoint is damaged; put back a copy of it, or start the run again with --overwrite"
+                    in err), (damage, mode, err)
+            assert files_of(run) == before, (damage, mode)
+
+
+def test_an_unreachable_hub_fails_at_once_and_names_the_offline_way(tmp_path, monkeypatch):
+    """Where the hub cannot be reached, a model or reward missing from the cache fails in one line with no retries
+    (huggingface_hub would retry each missing file 5 times, 1 to 8 s apart: 23 s here), naming the way to run offline.
+    Counted: the backoff sleeps of huggingface_hub, which must be none. Nothing is downloaded: the hub address is one
+    where nothing listens, and the cache an empty folder."""
+    from huggingface_hub import constants
+    import huggingface_hub.utils._http as hub_http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: the connection is refused
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    sleeps = []
+    monkeypatch.setattr(hub_http.time, "sleep", sleeps.append)
+    with pytest.raises(RuntimeError) as error:
+        rewards.load_reward("aesthetic", "cpu", torch.float32)
+    message = str(error.value)
+    assert (message.startswith("reward aesthetic: cannot download sac+logos+ava1-l14-linearMSE.pth")
+            and "ConnectError" in message and message.endswith("or run offline with --model shapes --reward bold"))
+    with pytest.raises(ValueError) as error:
+        diffexp.load_pipeline("nobody/no-such-model", 4, "cpu", torch.float32)
+    message = str(error.value)
+    assert (message.startswith("cannot load --model 'nobody/no-such-model': not a pipeline directory nor in the cache, "
+                               "and the hub cannot be reached") and message.endswith("--model shapes --reward bold."))
+    assert sleeps == []
+
+
 def test_unwritable_run_directory_is_refused_before_anything_loads(tmp_path):
     """Refused in one line by trying what the run will do (make the directory, write a file), not by os.access, which
     says yes under /proc for root; and a refusal or a successful check leaves nothing behind."""
@@ -927,7 +1091,7 @@ def test_unwritable_run_directory_is_refused_before_anything_loads(tmp_path):
                                  env=dict(PYTHONPATH=str(tmp_path / "no_torch")))
         assert (code == 2 and out == "" and err.startswith("error: cannot write the run directory")
                 and len(err.splitlines()) == 1), err
-    assert diffexp.try_writing(str(tmp_path / "new" / "deeper" / "run")) is None
+    assert runs.try_writing(str(tmp_path / "new" / "deeper" / "run")) is None
     assert sorted(os.listdir(tmp_path)) == ["a_file", "no_torch"]
 
 
@@ -1160,7 +1324,7 @@ def test_eq8_alpha_is_applied_in_fp32_before_the_cast():
 
 def test_evaluation_covers_the_whole_prompt_set(pipe, monkeypatch):
     """Every prompt of a set is evaluated, in order, cycled to at least --batch-size images."""
-    args = diffexp.parse_args(["--model", "tiny", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
+    args = runs.parse_args(["--model", "tiny", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
                                "--train-batch-size", "4", *UNUSED_OUT])
     seen = []
     monkeypatch.setattr(diffexp, "sample_batch", lambda pipe, prompts, generator, **k:
@@ -1288,18 +1452,18 @@ def ddpo_update_on_bold(seed, sign):
     """One DDPO epoch at the shapes model's defaults (128 samples, 8 prompts x 16, one update, lr 5e-4, 10 steps, no
     exploration) with the advantages multiplied by `sign`; returns bold's mean on the held-out prompts of
     [unseen_bold] from held-out noise (never a training draw), before and after."""
-    args = diffexp.parse_args(["--method", "ddpo", "--model", "shapes", "--no-explore", "--seed", str(seed),
+    args = runs.parse_args(["--method", "ddpo", "--model", "shapes", "--no-explore", "--seed", str(seed),
                                *UNUSED_OUT])
     assert (args.reward, args.batch_size, args.train_batch_size, args.lr) == ("bold", 128, 128, 5e-4)
     torch.manual_seed(seed)
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(args.steps)
-    reward, held_out = rewards.load_reward("bold", "cpu", torch.float32), diffexp.load_prompts(args.eval_prompts) * 4
+    reward, held_out = rewards.load_reward("bold", "cpu", torch.float32), runs.load_prompts(args.eval_prompts) * 4
 
     def evaluate():
         with torch.no_grad():
             g = torch.Generator().manual_seed(10_000 + seed)
-            images = torch.cat([diffexp.sample_batch(p, held_out[k : k + 16], g, **diffexp.sampling(args))["images"]
+            images = torch.cat([diffexp.sample_batch(p, held_out[k : k + 16], g, **diffexp.sampling_settings(args))["images"]
                                 for k in range(0, len(held_out), 16)])
             return reward(images, held_out).mean().item()
 
@@ -1309,7 +1473,7 @@ def ddpo_update_on_bold(seed, sign):
     lora = [q for q in p.unet.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=args.lr, weight_decay=args.weight_decay)
     before = evaluate()
-    row, _ = diffexp.ddpo_epoch(p, reward, diffexp.load_prompts(args.prompts), args, False,
+    row, _ = diffexp.ddpo_epoch(p, reward, runs.load_prompts(args.prompts), args, False,
                                 diffexp.seeded_generator(seed, 1, 0), optimizer,
                                 torch.amp.GradScaler("cpu", enabled=False), tracker, 1)
     assert row["skipped_updates"] == 0 and row["clipfrac"] == 0.0  # one update: the ratio is 1 throughout
@@ -1357,21 +1521,27 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path)
     for row in results["table"][metric]:
         level = base[0] + row["fraction"] * (base[-1] - base[0])
         assert row["level"] == pytest.approx(level)
-        firsts = {}
+        counted = {}  # per arm and seed: the queries after which the curve first reaches the level, else the budget
         for arm in ("diffexp", "baseline"):
-            firsts[arm] = [next((q for q, v in zip(queries, values) if v >= level), None)
-                           for values in curve(arm, metric)]
-            hits = [q for q in firsts[arm] if q is not None]
-            assert (row[arm]["reached"] == f"{len(hits)}/2"
-                    and row[arm]["queries"] == (pytest.approx(np.mean(hits)) if hits else None))
-        ratios = [a / b for a, b in zip(firsts["diffexp"], firsts["baseline"]) if a and b]
-        assert row["ratio"]["n"] == len(ratios)
-        assert not ratios or row["ratio"]["mean"] == pytest.approx(np.mean(ratios))
-    # paired, per seed: 2 seeds, t(0.975, 1) = 12.706
+            firsts = [next((q for q, v in zip(queries, values) if q > 0 and v >= level), None)
+                      for values in curve(arm, metric)]
+            assert row["queries"][arm] == firsts
+            counted[arm] = np.array([queries[-1] if q is None else q for q in firsts], dtype=float)
+            assert row["ratio"]["censored"][arm.replace("diffexp", "compared")] == firsts.count(None)
+        ratios = counted["diffexp"] / counted["baseline"]  # censored seeds counted, never dropped
+        assert row["ratio"]["n"] == 2 and row["ratio"]["per_seed"] == pytest.approx(ratios.tolist())
+        assert row["ratio"]["mean"] == pytest.approx(np.exp(np.log(ratios).mean()))  # the geometric mean
+        assert row["ratio"]["low"] is None  # 2 seeds: no interval, the per-seed values instead
+    # the area under each seed's gain curve over its start, per arm, by the trapezoid rule, over the budget
+    for arm in ("diffexp", "baseline"):
+        gains = curve(arm, metric) - curve(arm, metric)[:, :1]
+        areas = np.trapezoid(gains, queries, axis=1) / queries[-1]
+        assert results["area"]["areas"][arm] == pytest.approx(areas.tolist())
+    # paired, per seed: 2 seeds, so the values without an interval
     d = curve("diffexp", metric)[:, -1] - curve("baseline", metric)[:, -1]
     paired = results["paired"][f"final {metric}"]
-    assert (paired["mean"] == pytest.approx(d.mean())
-            and paired["high"] - paired["mean"] == pytest.approx(12.706 * d.std(ddof=1) / np.sqrt(2)))
+    assert paired["mean"] == pytest.approx(d.mean()) and paired["per_seed"] == pytest.approx(d.tolist())
+    assert paired["low"] is None and "(2 seeds, no interval)" in replicate.markdown(results)
     assert (set(results["diversity"]) == {"plain", "diffexp"}
             and all(v["distinct_readings"] >= 1 for v in results["diversity"].values()))
     assert ([r["explore"] for r in logs["diffexp"][0][1:]] == [True, True, True]
@@ -1383,6 +1553,28 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("ran before with these arguments") == 4 and "] epoch" not in again.stdout
     assert json.load(open(tmp_path / "results.json"))["curves"] == results["curves"]
+
+
+def test_a_race_counts_every_seed_censored_at_the_budget_on_a_log_scale():
+    """The queries ratio and the area ratio, hand-computed: a seed whose arm never reaches the level counts at the
+    budget (the ratio is then a bound, and says so), ratios are averaged as logs, 2 seeds give values, not an
+    interval."""
+    ratio = replicate.censored_ratio([100, 300, None], [100, 150, 200], budget=400)  # DiffExp never got there on one
+    logs = np.log([1.0, 2.0, 2.0])  # 100/100, 300/150, 400/200
+    half = 4.303 * logs.std(ddof=1) / np.sqrt(3)  # Student's t, 2 degrees of freedom
+    assert ratio["per_seed"] == [1.0, 2.0, 2.0] and ratio["censored"] == dict(compared=1, baseline=0)
+    assert (ratio["mean"], ratio["low"], ratio["high"]) == pytest.approx(
+        (np.exp(logs.mean()), np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
+    assert replicate.ratio_text(ratio, "DiffExp") == (
+        f">= 1.59 [{np.exp(logs.mean() - half):.2f}, {np.exp(logs.mean() + half):.2f}] (3 seeds; DiffExp never "
+        "reached it on 1, counted at the budget)")
+    baseline_censored = replicate.censored_ratio([100, 100, 200], [100, None, 200], budget=400)
+    assert replicate.ratio_text(baseline_censored, "DiffExp").startswith("<= 0.63 [")
+    assert replicate.ratio_text(replicate.censored_ratio([100, 200], [100, 100], budget=400), "DiffExp") == (
+        "per seed 1.00, 2.00 (2 seeds, no interval)")
+    # the area under the gain over the start, by trapezoids, over the budget: (0 + 0.2) / 2 * 100 + (0.2 + 0.4) / 2 *
+    # 100 = 40, over 200 queries
+    assert replicate.gain_area([0, 100, 200], [0.5, 0.7, 0.9]) == pytest.approx(0.2)
 
 
 def test_the_peer_runs_only_what_it_implements_and_says_how_to_install_it(tmp_path, monkeypatch):
@@ -1467,7 +1659,7 @@ def test_fidelity_agrees_with_the_judge_on_the_shipped_models_samples():
     mean fidelity is the judge's whole-caption accuracy within 0.1 (measured: 0.589 and 0.521)."""
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(20)
-    prompts = (diffexp.load_prompts("shapes") + diffexp.load_prompts("unseen_shapes")) * 2
+    prompts = (runs.load_prompts("shapes") + runs.load_prompts("unseen_shapes")) * 2
     with torch.no_grad():
         images = torch.cat([diffexp.sample_batch(p, prompts[k : k + 32], torch.Generator().manual_seed(k),
                                                  w_high=7.5, eta=0.0)["images"]
@@ -1507,12 +1699,12 @@ def test_runs_on_a_shapes_reward_are_also_read_by_the_judge(tmp_path, capsys):
     assert all({"eval_seen_colour", "eval_unseen_colour", "eval_seen_shapes_judge", "eval_unseen_shapes_judge"}
                <= set(r) for r in rows)
     assert "eval_unseen_shapes_judge" in capsys.readouterr().out.splitlines()[-1]  # the summary line too
-    args = diffexp.parse_args(["--model", "shapes", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
+    args = runs.parse_args(["--model", "shapes", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
                                "--train-batch-size", "4", *UNUSED_OUT])
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(2)
     fns = {name: rewards.load_reward(name, "cpu", torch.float32) for name in ("fidelity", "shapes_judge")}
-    _, shown = diffexp.evaluate(p, fns, {"unseen": diffexp.load_prompts("unseen_shapes")}, args, 1)
+    _, shown = diffexp.evaluate(p, fns, {"unseen": runs.load_prompts("unseen_shapes")}, args, 1)
     assert all(set(scores) == {"fidelity", "shapes_judge"} for *_, scores in shown["unseen"])  # what each caption shows
 
 
@@ -1642,7 +1834,7 @@ def test_bold_reads_one_shape_of_any_unsmall_size_refuses_the_rest_and_is_differ
         with pytest.raises(ValueError, match="bold rewards one large shape|names no colour or no shape|nothing to see"):
             bold(x.detach(), [prompt])
     with pytest.raises(SystemExit):
-        diffexp.parse_args(["--model", "shapes", "--reward", "bold", "--prompts", "shapes", *UNUSED_OUT])
+        runs.parse_args(["--model", "shapes", "--reward", "bold", "--prompts", "shapes", *UNUSED_OUT])
     assert "bold rewards one large shape, and prompt 'two red circles' asks for two" in capsys.readouterr().err
 
 
