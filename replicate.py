@@ -121,6 +121,17 @@ def read_log(run_dir):
         return []
 
 
+def logged_rows(results, arm, seed):
+    """One seed's log rows of an arm, rebuilt from a results file's curves: what summarise() reads of them."""
+    rows = {}
+    for key, curve in results["curves"].items():
+        name, metric = key.split("/")
+        if name == arm:
+            for queries, value in zip(curve["queries"], curve["per_seed"][seed]):
+                rows.setdefault(queries, dict(reward_queries=queries))[metric] = value
+    return [rows[queries] for queries in sorted(rows)]
+
+
 def first_reach(queries, values, level):
     """The reward queries after which a curve first reaches `level`, or None (never). The start (0 queries) does not
     count: both arms of a seed start from the same model and noise, so a level met there says nothing of either."""
@@ -440,11 +451,14 @@ def premise_markdown(results):
     return "\n".join(lines).rstrip()
 
 
-def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None, runs=None):
+def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None, runs=None,
+              baseline_from=None):
     """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. The runs live in
     `runs` (default out/runs) as ARM-sSEED, ARM "baseline", "diffexp", the ablation's or the peer's name: replications
-    given one `runs` share the runs whose arguments are equal (run_in_parallel), such as a baseline arm. With a `peer`,
-    its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there is no diversity to show."""
+    given one `runs` share the runs whose arguments are equal (run_in_parallel), such as a baseline arm. With
+    `baseline_from`, a published results file of the same settings, the baseline arm is its curves, not new runs.
+    With a `peer`, its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there is no
+    diversity to show."""
     if not 2 <= seeds <= len(T_975) + 1 or parallel < 1:
         raise ValueError(f"replicate needs 2 to {len(T_975) + 1} seeds (for the intervals) and 1 run at a time.")
     if peer and (method != "ddpo" or ablation):
@@ -457,15 +471,26 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
     if peer:
         cpu = ["--no-explore", "--device", "cpu"]  # TRL runs here on the CPU, in fp32: so does our arm beside it
         arms = {peer: ("replicate.py", ["--run-peer", peer, *cpu], peer), "baseline": ("diffexp.py", cpu, "baseline")}
+    published = None
+    if baseline_from:
+        with open(baseline_from) as f:
+            published = json.load(f)
+        if published["settings"] != settings or published["seeds"] < seeds:
+            raise ValueError(f"--baseline-from {baseline_from}: its baseline ran with {published['settings']} on "
+                             f"{published['seeds']} seeds; this replication needs {settings} on {seeds}.")
     runs = runs or os.path.join(out, "runs")
     commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *flags],
                                     os.path.join(runs, f"{name}-s{seed}"))
-                for seed in range(seeds) for script, flags, name in arms.values()}
+                for seed in range(seeds) for arm, (script, flags, name) in arms.items()
+                if not (published and arm == "baseline")}
     run_in_parallel(commands, parallel)
     logs = {arm: [read_log(os.path.join(runs, f"{name}-s{seed}")) for seed in range(seeds)]
             for arm, (_, _, name) in arms.items()}
+    if published:
+        logs["baseline"] = [logged_rows(published, "baseline", seed) for seed in range(seeds)]
     flags = arms[compared][1]
-    results = summarise(logs, method, reward, settings) | dict(ablation=ablation, diffexp_flags=flags)
+    results = summarise(logs, method, reward, settings) | dict(ablation=ablation, diffexp_flags=flags,
+                                                               baseline_from=baseline_from)
     results |= dict(exploration=None, diversity=None)
     images, prompts = None, None
     if not peer:
@@ -806,6 +831,8 @@ def main(argv=None):
                         "plain sampling at the starting model, for both methods' samplers (no training)")
     parser.add_argument("--premise-of", choices=runs.METHODS, help="(what --premise runs) one sampler's "
                         "sweep, written to --out/premise.json")
+    parser.add_argument("--baseline-from", metavar="RESULTS.json", help="take the baseline arm's curves from this "
+                        "published results file of the same settings instead of running it again")
     parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD-REWARD[-ABLATION][-PEER]"
                         "[-FLAGS], or runs/premise)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
@@ -859,7 +886,7 @@ def main(argv=None):
     runs_dir = None if args.out or args.peer else os.path.join("runs", f"replicate-{args.method}{shared}", "runs")
     try:
         results = replicate(args.method, args.seeds, out, args.reward, args.ablation, args.parallel, extra, args.peer,
-                            runs_dir)
+                            runs_dir, args.baseline_from)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(markdown(results))

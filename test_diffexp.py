@@ -737,6 +737,24 @@ def test_bad_arguments_fail_with_one_clear_line(argv, message, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]  # one line, no usage block
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr -1.0 must be positive."),
+    (["--reward", "beauty"], "unknown reward 'beauty'"),
+    (["--method", "ppo"], "invalid choice: 'ppo'"),
+    (["--batch-size", "6", "--micro-batch-size", "4"], "is not a multiple of --train-batch-size"),
+    (["--resume", "/nonexistent/run"], "/nonexistent/run: no config.json there"),
+    (["--t-thres", "1000"], "--t-thres 1000 is outside [0, 1000)"),
+    (["--eta", "-1"], "--eta -1.0 must be at least 0."),
+    (["--model", "shapes", "--alpha-min", "2", "--alpha-max", "1"], "--alpha-min 2.0 is above --alpha-max 1.0."),
+])
+def test_bad_arguments_are_refused_before_torch_is_imported(tmp_path, argv, message):
+    """A bad setting that needs no model is refused in one line, exit 2, by runs.py before diffexp.py imports torch
+    (which, with diffusers, takes about 5 s): counted by a torch on the path that fails if imported."""
+    (tmp_path / "torch.py").write_text("raise ImportError('torch was imported')")
+    code, out, err = run_cli(*argv, env=dict(PYTHONPATH=str(tmp_path)))
+    assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
 def test_resume_and_generate_take_the_runs_own_settings(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
