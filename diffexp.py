@@ -1,36 +1,39 @@
 """DiffExp: efficient exploration in reward fine-tuning of text-to-image diffusion models (AAAI 2025).
 
-DiffExp changes only how the online samples of DDPO (policy gradient, Black et al. 2024) and AlignProp (reward
-backprop, Prabhudesai et al. 2023) are drawn, and only for the first 3/4 of the training epochs. Read with the paper:
+DiffExp changes only how the online samples of DDPO (policy gradient, Black et al. 2024) and
+AlignProp (reward backprop, Prabhudesai et al. 2023) are drawn, and only for the first 3/4 of the
+training epochs. This file, read with the paper:
 
-  1. The method: the paper's equations, each function copyable alone (it needs math, torch and diffusers'
-     DDIMScheduler, nothing else of this file).
-     Eq. (7)      w_t = w_low if t > t_thres else w_high ........................ cfg_scale_schedule
-     Eq. (8)      c'_i = c_empty_i + alpha (c_i - c_empty_i), one token i ......... draw_prompt_weights, weight_prompt_embeds
-                  exploration for the first 3/4 of the epochs .................. explores
-     Eq. (4)      classifier-free guidance .................................... cfg_noise_pred
-     Eq. (2)-(3)  the DDIM step as a Gaussian policy, with its log-prob ........ ddim_step_with_logprob
-                  the denoising loop, AlignProp's truncated backprop inside .... sample
-                  one batch, Eq. 7 and 8 applied ............................... encode_prompts, sample_batch
-     Eq. (6)      DDPO: advantages, log-probs, the clipped-ratio loss .......... PerPromptStatTracker, ddpo_log_prob,
-                                                                                 ddpo_loss
-                  AlignProp: the reward of samples with gradients ............. alignprop_loss
-  2. Training: an epoch of each method, the optimizer step, evaluation, the loop over epochs.
-  3. The run: the model with its LoRA, processes, image grids, checkpoints, main().
-The settings and the command line are in runs.py (the standard library alone: a bad flag is refused at once).
+1. The method, each function copyable alone (it needs math, torch and diffusers' DDIMScheduler):
+   Eq. (7)      w_t = w_low if t > t_thres else w_high .............. cfg_scale_schedule
+   Eq. (8)      c'_i = c_empty_i + alpha (c_i - c_empty_i) .......... draw_prompt_weights,
+                                                                      weight_prompt_embeds
+                exploration for the first 3/4 of the epochs ......... explores
+   Eq. (4)      classifier-free guidance ............................ cfg_noise_pred
+   Eq. (2)-(3)  the DDIM step as a Gaussian policy, its log-prob .... ddim_step_with_logprob
+                the denoising loop (AlignProp's truncated backprop) . sample
+                one batch, Eq. 7 and 8 applied ...................... encode_prompts, sample_batch
+   Eq. (6)      DDPO's advantages, log-probs, clipped-ratio loss .... PerPromptStatTracker,
+                                                                      ddpo_log_prob, ddpo_loss
+                AlignProp's loss ..................................... alignprop_loss
+2. Training: an epoch of each method, the optimizer step, evaluation, the loop over epochs.
+3. The run: the model and its LoRA, processes, image grids, checkpoints, main().
+Settings and the command line live in runs.py, which needs the standard library alone: a bad flag is
+refused before torch loads.
 
-Ours where the paper is silent (the README lists them all): w_low 1.0, t_thres 900, alpha ~ U(1, 2) for SD 1.5 (for
-the offline shapes model, each method's exploration comes from a sweep at its starting model, by a rule written
-before any training run); DDPO eta 1.0; AlignProp's loss coefficient 0.01 (its configs). Unlike the baselines' code,
-AlignProp draws K ~ U{1..steps} once per batch, not per step, and checkpoints every UNet call under gradient;
-processes average LoRA gradients with one all_reduce, not DDP; each epoch's generator is seeded from (seed, epoch,
-rank), so a resumed run draws what the unbroken one did.
+Ours where the paper is silent (the README lists them all): for SD 1.5, w_low 1.0, t_thres 900 and
+alpha ~ U(1, 2); for the offline shapes model, each method's exploration is set by a sweep at its
+starting model and a rule written before any training run; DDPO's eta 1.0; AlignProp's loss
+coefficient 0.01 (its configs). Unlike the baselines' code, AlignProp draws K ~ U{1..steps} once per
+batch, not per step, and checkpoints every UNet call under gradient; processes average the LoRA's
+gradients with one all_reduce, not DDP; each epoch's generator is seeded from (seed, epoch, rank),
+so that a resumed run draws what the unbroken one did.
 """
 
 import math
 import sys
 
-if __name__ == "__main__":  # a bad command line is refused before torch and diffusers load (about 5 s)
+if __name__ == "__main__":  # a bad command line is refused before torch and diffusers load (5 s)
     import runs
 
     runs.parse_args(sys.argv[1:])
@@ -47,7 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
@@ -62,46 +66,50 @@ import runs
 import shapes
 
 
-# ==== 1. The method. Needs: import math, import torch, from diffusers import DDIMScheduler. ====
+# ==== 1. The method. Needs: import math, import torch, from diffusers import DDIMScheduler ====
 def cfg_scale_schedule(timesteps, w_low, w_high, t_thres):
     """Eq. (7): w_t = w_low if t > t_thres else w_high. timesteps [T] count down (981 ... 1)."""
     return torch.where(torch.as_tensor(timesteps) > t_thres, w_low, w_high).float()  # [T]
 
 
 def draw_prompt_weights(input_ids, special_ids, alpha_min, alpha_max, generator):
-    """Eq. (8)'s random draw, per sample: a token position i uniform over the real tokens of input_ids [B, L] (CPU),
-    never special_ids (BOS, EOS, padding), and alpha ~ U(alpha_min, alpha_max). Returns token_index [B], alpha [B]."""
-    real = ~torch.isin(input_ids, torch.as_tensor(list(special_ids)))  # [B, L], True at real tokens
+    """Eq. (8)'s random draw, per sample: a token position i uniform over the real tokens of
+    input_ids [B, L] (CPU), never special_ids (BOS, EOS, padding), and alpha ~ U(alpha_min,
+    alpha_max). Returns token_index [B], alpha [B]."""
+    real = ~torch.isin(input_ids, torch.as_tensor(list(special_ids)))  # [B, L]: the real tokens
     if not real.any(dim=1).all():
-        raise ValueError("a prompt has no tokens to weight (is it empty?); give every prompt some text.")
+        raise ValueError("a prompt has no tokens to weight (is it empty?); give every prompt text.")
     # The argmax of i.i.d. uniform scores over the real positions is a uniform choice among them.
     scores = torch.where(real, torch.rand(input_ids.shape, generator=generator), -1.0)  # [B, L]
     token_index = scores.argmax(dim=1)  # [B]
-    alpha = alpha_min + (alpha_max - alpha_min) * torch.rand(input_ids.shape[0], generator=generator)  # [B]
+    u = torch.rand(input_ids.shape[0], generator=generator)  # [B]
+    alpha = alpha_min + (alpha_max - alpha_min) * u
     return token_index, alpha
 
 
 def weight_prompt_embeds(prompt_embeds, empty_embeds, token_index, alpha):
-    """Eq. (8): c'_i = c_empty_i + alpha * (c_i - c_empty_i) at one position i per sample, the others unchanged.
-    prompt_embeds c [B, L, D], empty_embeds c_empty [1 or B, L, D] (of the prompt ""), token_index i [B], alpha [B]."""
+    """Eq. (8): c'_i = c_empty_i + alpha * (c_i - c_empty_i) at one position i per sample, the
+    others unchanged. prompt_embeds c [B, L, D], empty_embeds c_empty [1 or B, L, D] (of the
+    prompt ""), token_index i [B], alpha [B]. In fp32: bf16 would round alpha to steps of 1/128."""
     rows = torch.arange(len(prompt_embeds), device=prompt_embeds.device)  # [B]
     c_i = prompt_embeds[rows, token_index].float()  # [B, D]
     c_empty_i = empty_embeds.expand_as(prompt_embeds)[rows, token_index].float()  # [B, D]
-    alpha = alpha.to(prompt_embeds.device, torch.float32)[:, None]  # [B, 1]; fp32, as bf16 rounds to steps of 1/128
+    alpha = alpha.to(prompt_embeds.device, torch.float32)[:, None]  # [B, 1]
     c_prime_i = c_empty_i + alpha * (c_i - c_empty_i)  # [B, D]
     return prompt_embeds.index_put((rows, token_index), c_prime_i.to(prompt_embeds.dtype))
 
 
 def explores(epoch, epochs, fraction=0.75):
-    """Whether epoch (1 ... epochs) samples with DiffExp: the paper explores for the first 3/4 of training."""
+    """Whether epoch 1 ... epochs samples with DiffExp: the paper explores for the first 3/4."""
     return epoch <= math.ceil(fraction * epochs)
 
 
 def cfg_noise_pred(unet, x_t, t, cond, uncond, w):
-    """Eq. (4): eps = eps(x_t, t, c_empty) + w * (eps(x_t, t, c) - eps(x_t, t, c_empty)), in fp32 [B, C, h, w].
-    cond, uncond: the two branches' UNet conditioning, dicts of tensors [B or 1, ...] ("encoder_hidden_states";
-    SDXL adds its pooled "text_embeds" and size "time_ids"). t, w: one value or one per sample [B]. Where every w is
-    1 (or 0), one UNet branch gives the same numbers as the pair: it runs alone, at half the compute."""
+    """Eq. (4): eps = eps(x_t, t, c_empty) + w * (eps(x_t, t, c) - eps(x_t, t, c_empty)), fp32
+    [B, C, h, w]. cond, uncond: the two branches' UNet conditioning, dicts of tensors [B or 1, ...]
+    ("encoder_hidden_states"; SDXL adds its pooled "text_embeds" and size "time_ids"). t, w: one
+    value or one per sample [B]. Where every w is 1 (or 0), one UNet branch gives the same numbers
+    as the pair: it runs alone, at half the compute."""
     B = x_t.shape[0]
     dtype = cond["encoder_hidden_states"].dtype
     t = torch.as_tensor(t, device=x_t.device).expand(B)  # [B]
@@ -109,7 +117,8 @@ def cfg_noise_pred(unet, x_t, t, cond, uncond, w):
 
     def eps(x, t, c):  # SDXL's pooled text embedding and size ids go in added_cond_kwargs
         added = {k: v.to(dtype) for k, v in c.items() if k != "encoder_hidden_states"}
-        out = unet(x.to(dtype), t, encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added or None)
+        out = unet(x.to(dtype), t, encoder_hidden_states=c["encoder_hidden_states"],
+                   added_cond_kwargs=added or None)
         return out.sample.float()
 
     if (w == 1).all():
@@ -117,21 +126,26 @@ def cfg_noise_pred(unet, x_t, t, cond, uncond, w):
     uncond = {k: v.expand_as(cond[k]) for k, v in uncond.items()}  # [1 or B, ...] -> [B, ...]
     if (w == 0).all():
         return eps(x_t, t, uncond)
-    pair = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # [2B, ...], unconditional half first (as diffusers)
-    eps_uncond, eps_cond = eps(torch.cat([x_t, x_t]), torch.cat([t, t]), pair).chunk(2)  # [B, C, h, w] each
-    return eps_uncond + w.view(B, 1, 1, 1) * (eps_cond - eps_uncond)
+    # [2B, ...], the unconditional half first, as diffusers does
+    pair = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    eps_uncond, eps_cond = eps(torch.cat([x_t, x_t]), torch.cat([t, t]), pair).chunk(2)
+    return eps_uncond + w.view(B, 1, 1, 1) * (eps_cond - eps_uncond)  # [B, C, h, w]
 
 
-def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_latents=None, generator=None):
-    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Eq. 2-3; DDPO's formulation) with DDIMScheduler.step's mean
-    (SD never clips). latents x_t, noise_pred eps [B, C, h, w]; timestep t, an int or [B]. Without prev_latents,
-    x_{t-1} = mu + sigma_t z, z ~ N(0, I) from `generator`; with them, the given x_{t-1} is scored (DDPO's training
-    pass). Returns (prev_latents [B, C, h, w], log_prob [B] averaged over C*h*w, or None when eta = 0: no density)."""
+def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_latents=None,
+                           generator=None):
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Eq. 2-3; DDPO's formulation) with
+    DDIMScheduler.step's mean (SD never clips). latents x_t, noise_pred eps [B, C, h, w];
+    timestep t, an int or [B]. Without prev_latents, x_{t-1} = mu + sigma_t z, z ~ N(0, I) from
+    `generator`; with them, the given x_{t-1} is scored (DDPO's training pass). Returns
+    (prev_latents [B, C, h, w], log_prob [B] averaged over C*h*w, or None if eta = 0: no density).
+    """
     if not isinstance(scheduler, DDIMScheduler):
-        raise TypeError(f"this is a DDIM step, and the scheduler is {type(scheduler).__name__}; convert it first: "
+        raise TypeError(f"this is a DDIM step, and the scheduler is {type(scheduler).__name__}; "
+                        "convert it first: "
                         "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
-    # 1. The previous timestep (timesteps count down) and the cumulative alphas abar_t, abar_{t-1}; past the last
-    #    step, abar_{t-1} is the scheduler's final alpha.
+    # 1. The previous timestep (timesteps count down) and the cumulative alphas abar_t and
+    #    abar_{t-1}; past the last step, abar_{t-1} is the scheduler's final alpha.
     t = torch.as_tensor(timestep).cpu().long()
     t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     abar = scheduler.alphas_cumprod
@@ -140,20 +154,20 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_l
     abar_prev = abar_prev.to(latents.device, torch.float32).view(-1, 1, 1, 1)
     # 2. The predicted x_0 (DDIM, Song et al. 2021, Eq. 12).
     x0_hat = (latents - (1 - abar_t).sqrt() * noise_pred) / abar_t.sqrt()
-    # 3. sigma_t (DDIM's Eq. 16, scaled by eta) and the mean of x_{t-1} (Eq. 2).
+    # 3. sigma_t (DDIM's Eq. 16, scaled by eta) and the mean mu of x_{t-1} (Eq. 2).
     std = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
     mu = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std**2).sqrt() * noise_pred
     if eta == 0:
         if prev_latents is not None:
-            raise ValueError("eta = 0 makes the DDIM step deterministic, so a given x_{t-1} has no density.")
+            raise ValueError("eta = 0 makes the DDIM step deterministic: x_{t-1} has no density.")
         return mu, None
     # 4. Sample x_{t-1} ~ N(mu, sigma_t^2 I) (Eq. 3), the noise drawn on the generator's device.
     if prev_latents is None:
         noise_device = generator.device if generator is not None else latents.device
         z = torch.randn(latents.shape, generator=generator, device=noise_device)
         prev_latents = mu + std * z.to(latents.device)
-    # 5. log N(x_{t-1}; mu, sigma_t^2 I) per dimension, averaged: a sum would overflow the 1e-4 clip range of the
-    #    ratio. The sample itself is data (detached).
+    # 5. log N(x_{t-1}; mu, sigma_t^2 I) per dimension, averaged, as DDPO does: a sum would
+    #    overflow the 1e-4 clip range of the ratio. The sample itself is data (detached).
     log_prob = (-((prev_latents.detach() - mu) ** 2) / (2 * std**2) - std.log()
                 - math.log(math.sqrt(2 * math.pi)))  # [B, C, h, w]
     return prev_latents, log_prob.mean(dim=(1, 2, 3))  # [B]
@@ -161,18 +175,22 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_l
 
 def decode_latents(vae, latents):
     """VAE decode of x_0 latents [B, 4, h, w] to images [B, 3, H, W] in [0, 1], fp32."""
-    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()  # [-1, 1]
+    latents = (latents / vae.config.scaling_factor).to(vae.dtype)
+    images = vae.decode(latents).sample.float()  # [B, 3, H, W] in [-1, 1]
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_steps=None, checkpoint=False):
-    """The DDIM denoising loop with a guidance scale per step (Eq. 7) and an embedding per sample (Eq. 8).
-    pipe.scheduler: a DDIMScheduler after set_timesteps(T); cond, uncond: the CFG branches' conditioning (see
-    sample_batch); scales [T]; latents [B, C, h, w]: the noise x_T. Under grad, backprop_steps=K keeps the graph of
-    the last K steps only (AlignProp's truncated backprop): earlier steps run under no_grad, the same as detaching
-    their eps, as x_t depends on the weights only through eps. checkpoint=True recomputes each UNet call under grad in
-    the backward pass, so memory stays flat in K and T. Returns the trajectory x_T ... x_0, log-probs, images and
-    the inputs that DDPO's training pass needs."""
+def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_steps=None,
+           checkpoint=False):
+    """The DDIM denoising loop with a guidance scale per step (Eq. 7) and an embedding per sample
+    (Eq. 8). pipe.scheduler: a DDIMScheduler after set_timesteps(T); cond, uncond: the CFG
+    branches' conditioning (see sample_batch); scales [T]; latents [B, C, h, w]: the noise x_T.
+
+    Under grad, backprop_steps=K keeps the graph of the last K steps only (AlignProp's truncated
+    backprop): the earlier steps run under no_grad, the same as detaching their eps, as x_t depends
+    on the weights only through eps. checkpoint=True recomputes each UNet call under grad in the
+    backward pass, so that memory stays flat in K and T. Returns the trajectory x_T ... x_0, the
+    log-probs, the images, and the inputs that DDPO's training pass needs."""
     if not isinstance(pipe.scheduler, DDIMScheduler):
         raise TypeError(f"sample() takes DDIM steps, and the pipeline's scheduler is "
                         f"{type(pipe.scheduler).__name__}; convert it first: "
@@ -180,7 +198,8 @@ def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_st
     timesteps = pipe.scheduler.timesteps
     T = len(timesteps)
     if len(scales) != T:
-        raise ValueError(f"got {len(scales)} guidance scales for {T} timesteps; compute them from scheduler.timesteps.")
+        raise ValueError(f"got {len(scales)} guidance scales for {T} timesteps; compute them "
+                         "from scheduler.timesteps.")
 
     def checkpointed(fn, *inputs):
         if checkpoint and torch.is_grad_enabled():
@@ -191,10 +210,12 @@ def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_st
     trajectory = [latents]
     log_probs = []
     for i, t in enumerate(timesteps):
-        truncated = backprop_steps is not None and i < T - backprop_steps  # AlignProp: no gradient before the last K
+        # AlignProp's truncated backprop: no gradient through the steps before the last K
+        truncated = backprop_steps is not None and i < T - backprop_steps
         with torch.set_grad_enabled(torch.is_grad_enabled() and not truncated):
             eps = checkpointed(cfg_noise_pred, pipe.unet, x_t, t, cond, uncond, scales[i])
-            x_t, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, x_t, eta, generator=generator)
+            x_t, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, x_t, eta,
+                                                   generator=generator)
         trajectory.append(x_t)
         log_probs.append(log_prob)
     images = checkpointed(decode_latents, pipe.vae, x_t)
@@ -204,37 +225,44 @@ def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_st
         log_probs = torch.stack(log_probs, dim=1)  # T x [B] -> [B, T]
     return dict(latents=torch.stack(trajectory, dim=1),  # T+1 x [B, C, h, w] -> [B, T+1, C, h, w]
                 log_probs=log_probs,
-                scales=torch.as_tensor(scales).expand(len(latents), -1),  # [T] -> [B, T]: per sample, for DDPO
+                scales=torch.as_tensor(scales).expand(len(latents), -1),  # [T] -> [B, T], for DDPO
                 timesteps=timesteps, cond=cond, uncond=uncond, images=images)
 
 
 @torch.no_grad()  # the text encoders are frozen
 def encode_prompts(pipe, prompts):
-    """The UNet's text conditioning for `prompts`, as StableDiffusion[XL]Pipeline computes it, and the token ids
-    [B, L] (CPU) for Eq. 8. SD 1.5: {"encoder_hidden_states": the last layer [B, L, 768]}. SDXL: both encoders'
-    penultimate layers [B, L, 768 + 1280], the pooled "text_embeds" [B, 1280], "time_ids" [B, 6] (sizes, no crop)."""
-    def token_ids(tokenizer):  # padded and truncated to the tokenizer's model_max_length (77)
-        return tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    """The UNet's text conditioning for `prompts`, as StableDiffusion[XL]Pipeline computes it, and
+    the token ids [B, L] (CPU) for Eq. 8. SD 1.5: {"encoder_hidden_states": the last layer
+    [B, L, 768]}. SDXL: both encoders' penultimate layers [B, L, 768 + 1280], the pooled
+    "text_embeds" [B, 1280] and "time_ids" [B, 6] (sizes, no crop)."""
+    def token_ids(tokenizer):  # padded and truncated to its model_max_length (77)
+        return tokenizer(prompts, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids
 
     input_ids = token_ids(pipe.tokenizer)
     if not hasattr(pipe, "text_encoder_2"):
-        return {"encoder_hidden_states": pipe.text_encoder(input_ids.to(pipe.device))[0]}, input_ids
+        hidden = pipe.text_encoder(input_ids.to(pipe.device))[0]  # [B, L, 768]
+        return {"encoder_hidden_states": hidden}, input_ids
     first = pipe.text_encoder(input_ids.to(pipe.device), output_hidden_states=True)
-    second = pipe.text_encoder_2(token_ids(pipe.tokenizer_2).to(pipe.device), output_hidden_states=True)
+    second_ids = token_ids(pipe.tokenizer_2).to(pipe.device)
+    second = pipe.text_encoder_2(second_ids, output_hidden_states=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pipe.device).expand(len(prompts), -1)  # [B, 6]
-    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # [B, L, 768 + 1280]
-    return {"encoder_hidden_states": hidden, "text_embeds": second.text_embeds, "time_ids": time_ids}, input_ids
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pipe.device)
+    time_ids = time_ids.expand(len(prompts), -1)  # [B, 6]
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # [B, L, 2048]
+    return {"encoder_hidden_states": hidden, "text_embeds": second.text_embeds,
+            "time_ids": time_ids}, input_ids
 
 
-def sample_batch(pipe, prompts, generator, w_high, eta, explore=False, w_low=1.0, t_thres=900, alpha_min=1.0,
-                 alpha_max=2.0, backprop_steps=None, checkpoint=False):
-    """One batch for `prompts` from x_T ~ N(0, I) drawn from `generator`: with `explore`, Eq. 8's weighting (per
-    sample) and Eq. 7's schedule, else plain CFG at w_high. Needs scheduler.set_timesteps; returns sample()'s dict."""
+def sample_batch(pipe, prompts, generator, w_high, eta, explore=False, w_low=1.0, t_thres=900,
+                 alpha_min=1.0, alpha_max=2.0, backprop_steps=None, checkpoint=False):
+    """One batch for `prompts` from x_T ~ N(0, I) drawn from `generator`: with `explore`, Eq. 8's
+    weighting (per sample) and Eq. 7's schedule, else plain CFG at w_high. Needs
+    scheduler.set_timesteps; returns sample()'s dict."""
     cond, input_ids = encode_prompts(pipe, prompts)
-    empty, _ = encode_prompts(pipe, [""])  # [1, ...]: Eq. 8's reference, and the unconditional branch
+    empty, _ = encode_prompts(pipe, [""])  # [1, ...]: Eq. 8's reference, and the CFG's uncond
     uncond = dict(empty)
-    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL's unconditional branch: zeros, size ids
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL: zeros, but size ids
         uncond["encoder_hidden_states"] = torch.zeros_like(empty["encoder_hidden_states"])
         uncond["text_embeds"] = torch.zeros_like(empty["text_embeds"])
     if explore:
@@ -243,23 +271,27 @@ def sample_batch(pipe, prompts, generator, w_high, eta, explore=False, w_low=1.0
         scales = torch.full((len(pipe.scheduler.timesteps),), float(w_high))  # [T]
     size = pipe.unet.config.sample_size
     channels = pipe.unet.config.in_channels
-    latents = torch.randn((len(prompts), channels, size, size), generator=generator).to(pipe.device)  # x_T
-    # Eq. 8 draws from a generator of its own, seeded from `generator` whether or not it explores: DiffExp and its
-    # baseline then draw the same x_T and DDIM noise from one seed (paired comparisons).
-    eq8_generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    latents = torch.randn((len(prompts), channels, size, size), generator=generator)  # x_T
+    latents = latents.to(pipe.device)
+    # Eq. 8 draws from a generator of its own, seeded from `generator` whether or not it explores:
+    # DiffExp and its baseline then draw the same x_T and DDIM noise from one seed (paired runs).
+    eq8_seed = int(torch.randint(2**62, (1,), generator=generator))
+    eq8_generator = torch.Generator().manual_seed(eq8_seed)
     if explore:
         special = pipe.tokenizer.all_special_ids  # BOS, EOS and padding
-        token_index, alpha = draw_prompt_weights(input_ids, special, alpha_min, alpha_max, eq8_generator)
-        # Eq. 8 weights the per-token embeddings (on SDXL both encoders' at once), not SDXL's pooled one
-        c_prime = weight_prompt_embeds(cond["encoder_hidden_states"], empty["encoder_hidden_states"], token_index,
-                                       alpha)
+        token_index, alpha = draw_prompt_weights(input_ids, special, alpha_min, alpha_max,
+                                                 eq8_generator)
+        # Eq. 8 weights the per-token embeddings (on SDXL both encoders' at once), not the pooled
+        c_prime = weight_prompt_embeds(cond["encoder_hidden_states"],
+                                       empty["encoder_hidden_states"], token_index, alpha)
         cond = cond | {"encoder_hidden_states": c_prime}
     return sample(pipe, cond, uncond, scales, latents, eta, generator, backprop_steps, checkpoint)
 
 
 class PerPromptStatTracker:
-    """DDPO's per-prompt advantages (r - mean) / (std + 1e-6): over the prompt's last `buffer_size` rewards (kept
-    across epochs) once it has `min_count` of them, and over the whole batch before that."""
+    """DDPO's per-prompt advantages (r - mean) / (std + 1e-6): over the prompt's last
+    `buffer_size` rewards (kept across epochs) once it has `min_count` of them, and over the whole
+    batch before that."""
 
     def __init__(self, buffer_size, min_count):
         self.buffer_size = buffer_size
@@ -282,8 +314,9 @@ class PerPromptStatTracker:
 
 
 def ddpo_log_prob(pipe, batch, i, s, eta):
-    """log pi_theta(x_{t-1} | x_t, c) of stored transitions (samples i [b], step indices s [b]), with the SAME w_t
-    and weighted c' that sampling used: otherwise the ratio would compare two different policies."""
+    """log pi_theta(x_{t-1} | x_t, c) of stored transitions (samples i [b], step indices s [b]),
+    with the SAME w_t and weighted c' that sampling used: else the ratio would compare two
+    different policies."""
     t = batch["timesteps"][s]  # [b]
     x_t = batch["latents"][i, s]  # [b, C, h, w]
     x_prev = batch["latents"][i, s + 1]  # [b, C, h, w]
@@ -294,8 +327,9 @@ def ddpo_log_prob(pipe, batch, i, s, eta):
 
 
 def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
-    """The clipped-ratio surrogate of Eq. (6): with A = clamp(advantage, -adv_clip_max, adv_clip_max)
-    and r = exp(log_prob - old_log_prob), loss = mean(max(-A r, -A clamp(r, 1 - eps, 1 + eps)))."""
+    """The clipped-ratio surrogate of Eq. (6): with A = clamp(advantage, -adv_clip_max,
+    adv_clip_max) and r = exp(log_prob - old_log_prob),
+    loss = mean(max(-A r, -A clamp(r, 1 - eps, 1 + eps)))."""
     A = advantages.clamp(-adv_clip_max, adv_clip_max)
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -A * ratio
@@ -304,9 +338,11 @@ def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
 
 
 def alignprop_loss(pipe, reward_fn, prompts, generator, K, loss_coeff, **sampling_settings):
-    """AlignProp's objective for one batch: sample with the UNet's gradient kept through the last K steps
-    (each call checkpointed), decode, score; loss = -loss_coeff * mean(reward). Returns (loss, rewards [B], images)."""
-    out = sample_batch(pipe, prompts, generator, backprop_steps=K, checkpoint=True, **sampling_settings)
+    """AlignProp's objective for one batch: sample with the UNet's gradient kept through the last K
+    steps (each call checkpointed), decode, score; loss = -loss_coeff * mean(reward). Returns
+    (loss, rewards [B], images)."""
+    out = sample_batch(pipe, prompts, generator, backprop_steps=K, checkpoint=True,
+                       **sampling_settings)
     reward = reward_fn(out["images"], prompts)
     return -loss_coeff * reward.mean(), reward, out["images"]
 

@@ -1,18 +1,20 @@
 """The paper's headline on a CPU: DiffExp against its baseline in the shapes world, over several seeds.
 
-    python replicate.py --method alignprop --reward bold --seeds 5         # DiffExp vs AlignProp on the style reward
+    python replicate.py --premise                                          # set the exploration: the premise sweep
+    python replicate.py --method alignprop --reward bold --seeds 12        # DiffExp vs AlignProp on the style reward
+    python replicate.py --method alignprop --ablation sd15 --seeds 12      # ... at our SD 1.5 exploration instead
     python replicate.py --method ddpo --reward bold --seeds 3              # DiffExp vs DDPO, at its shapes defaults
     python replicate.py --method alignprop --ablation eq7 --seeds 3        # Eq. 7 alone (alpha = 1); eq8: Eq. 8 alone
-    python replicate.py --method alignprop --ablation t600 --seeds 3       # Eq. 7 on 8 of 20 steps (t600, t800)
     python replicate.py --method ddpo --peer trl --seeds 3                 # our DDPO beside TRL's DDPOTrainer
     python replicate.py --method alignprop --reward fidelity --seeds 5     # the harder task (its published settings)
-    python replicate.py --redraw figures/headline_alignprop-bold.json      # a results file's figures and tables again
+    python replicate.py --redraw figures/headline_alignprop-bold.json      # a results file's statistics and figures
     python replicate.py --plot runs/RUN_A runs/RUN_B                       # reward curves of any diffexp.py runs
 
 Each arm and seed is a `python diffexp.py --model shapes` run (one thread each, two at a time), with identical
 settings and seeds for DiffExp and its baseline (`--no-explore`): same LoRA initialisation, prompts and noise where
-the samplers allow, so that the per-seed difference is the quantity to report. Writes results.json (every curve per
-seed, the settings, the tables, the diversity numbers), curves.png and diversity.png into --out.
+the samplers allow, so that the per-seed comparison is the quantity to report. Writes results.json (every curve per
+seed, the settings, the statistics, the diversity numbers), curves.png and diversity.png into --out. The statistics
+drop no seed: an arm that never reaches a level is counted at the budget, and said so; ratios live on a log scale.
 """
 
 import argparse
@@ -68,16 +70,11 @@ DIVERSITY_PROMPTS = 6  # the first prompts of --eval-prompts (the plain "a COLOU
 def run_in_parallel(commands, parallel):
     """Run {name: (script, argv, run_dir)} as `python SCRIPT ARGV --out RUN_DIR` subprocesses with one thread each,
     `parallel` at a time, printing each run's epochs as its log grows. A run that finished here before with the same
-    script and arguments (its RUN_DIR.done says so) is not run again: a replication continues after a crash, and
-    replications whose baseline arms are the same runs (an ablation's and its replication's) can share them."""
+    script and arguments and settings (finished()) is not run again: a replication continues after a crash, and
+    replications whose baseline arms are the same runs (an ablation's and its replication's) share them."""
     pending, running, shown = [], {}, {}
     for name, (script, argv, run_dir) in commands.items():
-        try:
-            with open(run_dir + ".done") as f:
-                done = json.load(f) == [script, argv]  # as written below, when the run finished
-        except (OSError, ValueError):
-            done = False
-        if done:
+        if finished(script, argv, run_dir):
             print(f"[{name}] ran before with these arguments: {run_dir}", flush=True)
         else:
             pending.append(name)
@@ -110,6 +107,24 @@ def run_in_parallel(commands, parallel):
     finally:  # one run failed, or Ctrl-C: stop the others
         for proc, _ in running.values():
             proc.terminate()
+
+
+def finished(script, argv, run_dir):
+    """Whether run_dir holds a finished run of `python SCRIPT ARGV` (its RUN_DIR.done, written when it ended, says
+    so) whose settings (its config.json) are what ARGV gives today: a changed default makes the run stale."""
+    try:
+        with open(run_dir + ".done") as f:
+            if json.load(f) != [script, argv]:
+                return False
+        if script != "diffexp.py":  # a peer's run: its settings are diffexp.py's, but it writes no config.json
+            return True
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
+        now = vars(runs.parse_args([*argv, "--out", f"{unused}/run"]))
+    return all(saved.get(name) == value for name, value in now.items() if name not in runs.RUN_DIRECTORY)
 
 
 def read_log(run_dir):
@@ -670,6 +685,8 @@ def ratio_text(p, short):
     if censored["baseline"]:
         notes.append(f"the baseline never reached it on {censored['baseline']}, counted at the budget")
     bound = {(True, False): ">= ", (False, True): "<= "}.get((censored["compared"] > 0, censored["baseline"] > 0), "")
+    if len(set(p["per_seed"])) == 1:  # queries on a grid of evaluations can tie: the interval would have no width
+        return f"{bound}{p['mean']:.2f} on every seed ({'; '.join(notes)})"
     return f"{bound}{p['mean']:.2f} [{p['low']:.2f}, {p['high']:.2f}] ({'; '.join(notes)})"
 
 

@@ -203,6 +203,9 @@ def parse_args(argv=None):
     return args
 
 
+RUN_DIRECTORY = ("out", "resume", "overwrite", "generate")  # where a run is, not what it is
+
+
 def saved_settings(run_dir):
     """The settings in run_dir/config.json, but for the run-directory ones."""
     try:

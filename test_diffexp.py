@@ -431,9 +431,9 @@ def fine_tune_shapes(seed, explore, epochs, lr, steps=10, batch_size=32):
     returns the mean reward on the held-out prompts of [unseen_bold] from held-out noise (never a training draw) before
     and after, and the UNet's state dicts before and after."""
     args = runs.parse_args(["--method", "alignprop", "--model", "shapes", "--steps", str(steps),
-                               "--batch-size", str(batch_size), "--micro-batch-size", str(batch_size // 2),
-                               "--train-batch-size", str(batch_size // 2), "--lr", str(lr), "--seed", str(seed),
-                               *UNUSED_OUT])
+                            "--batch-size", str(batch_size), "--micro-batch-size", str(batch_size // 2),
+                            "--train-batch-size", str(batch_size // 2), "--lr", str(lr), "--seed", str(seed),
+                            *UNUSED_OUT])
     assert (args.reward, args.prompts, args.eval_prompts) == ("bold", "bold", "unseen_bold")  # the shapes defaults
     torch.manual_seed(seed)
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
@@ -759,8 +759,8 @@ def test_resume_and_generate_take_the_runs_own_settings(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     original = runs.parse_args(["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "50",
-                                   "--eval-every", "3", "--save-every", "5", "--eval-reward", "aesthetic",
-                                   "--lr", "0.02", *UNUSED_OUT])
+                                "--eval-every", "3", "--save-every", "5", "--eval-reward", "aesthetic",
+                                "--lr", "0.02", *UNUSED_OUT])
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
     for mode in ("--resume", "--generate"):
         args = runs.parse_args([mode, str(run)])
@@ -1343,7 +1343,7 @@ def test_eq8_alpha_is_applied_in_fp32_before_the_cast():
 def test_evaluation_covers_the_whole_prompt_set(pipe, monkeypatch):
     """Every prompt of a set is evaluated, in order, cycled to at least --batch-size images."""
     args = runs.parse_args(["--model", "tiny", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
-                               "--train-batch-size", "4", *UNUSED_OUT])
+                            "--train-batch-size", "4", *UNUSED_OUT])
     seen = []
     monkeypatch.setattr(diffexp, "sample_batch", lambda pipe, prompts, generator, **k:
                         seen.extend(prompts) or dict(images=torch.rand(len(prompts), 3, 8, 8)))
@@ -1471,7 +1471,7 @@ def ddpo_update_on_bold(seed, sign):
     exploration) with the advantages multiplied by `sign`; returns bold's mean on the held-out prompts of
     [unseen_bold] from held-out noise (never a training draw), before and after."""
     args = runs.parse_args(["--method", "ddpo", "--model", "shapes", "--no-explore", "--seed", str(seed),
-                               *UNUSED_OUT])
+                            *UNUSED_OUT])
     assert (args.reward, args.batch_size, args.train_batch_size, args.lr) == ("bold", 128, 128, 5e-4)
     torch.manual_seed(seed)
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
@@ -1512,7 +1512,7 @@ def test_one_ddpo_update_raises_bold_on_held_out_prompts_and_noise_above_its_mir
         assert before == before_mirror and up > down + 0.003, (seed, before, up, down)
 
 
-def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path):
+def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path, monkeypatch):
     """`replicate.py` at a tiny size: 2 seeds x 2 arms run as `python diffexp.py` subprocesses; the tables, the final
     values, the per-seed ratios and the paired differences are recomputed here from the runs' own log.jsonl files."""
     small = ["--epochs", "3", "--batch-size", "4", "--micro-batch-size", "4", "--train-batch-size", "4", "--steps", "4",
@@ -1571,6 +1571,12 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("ran before with these arguments") == 4 and "] epoch" not in again.stdout
     assert json.load(open(tmp_path / "results.json"))["curves"] == results["curves"]
+    # ... unless the code now gives its arguments other settings (a changed default): then the run is stale
+    run_dir = str(tmp_path / "runs" / "baseline-s0")
+    script, argv = json.load(open(run_dir + ".done"))
+    assert replicate.finished(script, argv, run_dir)
+    monkeypatch.setitem(runs.DEFAULTS[("shapes", "alignprop")], "lr", 0.5)
+    assert not replicate.finished(script, argv, run_dir)
 
 
 def test_a_race_counts_every_seed_censored_at_the_budget_on_a_log_scale():
@@ -1593,6 +1599,68 @@ def test_a_race_counts_every_seed_censored_at_the_budget_on_a_log_scale():
     # the area under the gain over the start, by trapezoids, over the budget: (0 + 0.2) / 2 * 100 + (0.2 + 0.4) / 2 *
     # 100 = 40, over 200 queries
     assert replicate.gain_area([0, 100, 200], [0.5, 0.7, 0.9]) == pytest.approx(0.2)
+
+
+def a_setting(kind, distance, low, judge, bold):
+    """A sweep's setting with the differences from plain sampling that the rule reads."""
+    difference = dict(distance=dict(mean=distance, low=low, high=distance + 1), judge=dict(mean=judge),
+                      bold=dict(mean=bold))
+    return dict(kind=kind, setting=dict(w_low=distance), difference=difference)
+
+
+def test_the_premise_rule_takes_the_most_diverse_setting_that_keeps_quality():
+    """The rule, written before any training run: among the settings whose judge and bold means fall by at most 0.03
+    and whose pairwise distance rises (its interval above zero), the most diverse; if none, the more diverse setting
+    with the smallest quality loss."""
+    settings = [a_setting("Eq. 7", 3.0, 2.0, -0.01, -0.05),  # the most diverse, but bold falls by 0.05
+                a_setting("Eq. 7", 2.0, 1.0, -0.03, +0.02),  # keeps quality (a fall of exactly 0.03 is kept)
+                a_setting("Eq. 8", 2.5, -0.1, 0.0, 0.0),  # more diverse on average, not surely: its interval has 0
+                a_setting("both", 1.0, 0.5, +0.01, 0.0)]
+    choice, verdict = replicate.premise_choice(settings)
+    assert choice is settings[1] and verdict == "keeps the premise"
+    assert replicate.best_of_kind(settings, "Eq. 7", 1) == [settings[1]]
+    lossy = [a_setting("Eq. 7", 3.0, 2.0, -0.04, -0.05), a_setting("Eq. 8", 2.0, 1.0, -0.10, 0.0),
+             a_setting("both", 1.0, -0.5, 0.0, 0.0)]
+    choice, verdict = replicate.premise_choice(lossy)
+    assert choice is lossy[0] and verdict == "closest to the premise"  # a loss of 0.05 beats 0.10
+
+
+def test_the_shapes_models_exploration_is_the_premise_sweeps_choice():
+    """Each method's exploration on the shapes model is what the rule chooses from the committed sweep, whose
+    differences and intervals follow from its per-prompt values; figures/README.md shows the sweep's tables."""
+    sweep = json.load(open(os.path.join(HERE, "figures", "premise.json")))
+    assert list(sweep["samplers"]) == ["ddpo", "alignprop"]
+    for method, measured in sweep["samplers"].items():
+        for setting in measured["settings"]:
+            for metric, difference in setting["difference"].items():
+                per_prompt = np.subtract(setting["per_prompt"][metric], measured["plain"]["per_prompt"][metric])
+                assert len(per_prompt) == 36 and difference == replicate.bootstrap(per_prompt)
+        choice, verdict = replicate.premise_choice(measured["settings"])
+        assert measured["choice"] == dict(setting=choice["setting"], verdict=verdict)
+        args = runs.parse_args(["--model", "shapes", "--method", method, *UNUSED_OUT])
+        assert {k: getattr(args, k) for k in ("w_low", "t_thres", "alpha_min", "alpha_max")} == choice["setting"]
+    full = open(os.path.join(HERE, "figures", "README.md"), encoding="utf-8").read()
+    assert replicate.premise_markdown(sweep) in full and "premise.png" in full
+
+
+def test_the_premise_sweep_measures_settings_against_plain_sampling_on_the_same_noise(tmp_path, monkeypatch):
+    """replicate.premise_sweep at a tiny size (2 prompts, 2 settings of Eq. 7 and 2 of Eq. 8): a setting that changes
+    nothing (w_low = w_high, alpha 1) differs from plain by rounding alone, as it draws the same noise (Eq. 8 at
+    alpha 1 recomputes the embedding in fp32); the sweep's choice is the rule's."""
+    monkeypatch.setattr(replicate, "PREMISE_EQ7", [(5.0, 900), (0.0, 600)])
+    monkeypatch.setattr(replicate, "PREMISE_EQ8", (1.1, 2.0))
+    monkeypatch.setattr(replicate, "PREMISE_COMBINED", 1)
+    real_load = runs.load_prompts
+    monkeypatch.setattr(runs, "load_prompts", lambda name: real_load(name)[:2])
+    sweep = replicate.premise_sweep("ddpo", str(tmp_path))
+    assert json.load(open(tmp_path / "premise.json")) == json.loads(json.dumps(sweep))
+    kinds = [s["kind"] for s in sweep["settings"]]
+    assert kinds == ["SD 1.5 default", "Eq. 7", "Eq. 7", "Eq. 8", "Eq. 8", "both"]
+    unchanged, changed = sweep["settings"][1:3]  # w_low 5 = w_high, alpha 1; and w_low 0 for t > 600
+    assert all(abs(d["mean"]) < 1e-3 for d in unchanged["difference"].values()), unchanged["difference"]
+    assert changed["difference"]["distance"]["mean"] > 0.5
+    choice, verdict = replicate.premise_choice(sweep["settings"])
+    assert sweep["choice"] == dict(setting=choice["setting"], verdict=verdict)
 
 
 def test_the_peer_runs_only_what_it_implements_and_says_how_to_install_it(tmp_path, monkeypatch):
@@ -1718,7 +1786,7 @@ def test_runs_on_a_shapes_reward_are_also_read_by_the_judge(tmp_path, capsys):
                <= set(r) for r in rows)
     assert "eval_unseen_shapes_judge" in capsys.readouterr().out.splitlines()[-1]  # the summary line too
     args = runs.parse_args(["--model", "shapes", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
-                               "--train-batch-size", "4", *UNUSED_OUT])
+                            "--train-batch-size", "4", *UNUSED_OUT])
     p = diffexp.load_pipeline("shapes", 4, "cpu", torch.float32)
     p.scheduler.set_timesteps(2)
     fns = {name: rewards.load_reward(name, "cpu", torch.float32) for name in ("fidelity", "shapes_judge")}
