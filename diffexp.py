@@ -422,6 +422,7 @@ def ddpo_train(pipe, batch, advantages, args, generator, optimizer, scaler, worl
 
 def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, scaler, tracker, world):
     """One DDPO epoch on this process's share of --batch-size: sample and score, advantages, updates."""
+    # 1. Trajectories, sampled (with DiffExp's Eq. 7 and 8 when `explore`) and scored.
     batch, grid = ddpo_sample(pipe, reward_fn, prompts, args, explore, generator, world)
     # 2. Advantages from the rewards of every process, normalised per prompt.
     rewards = all_gather(batch["rewards"], world)
@@ -433,6 +434,7 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
     rank = torch.distributed.get_rank() if world > 1 else 0
     n = len(batch["rewards"])
     advantages = advantages.float().view(world, n)[rank].to(pipe.device)  # this process's [n]
+    # 3. Clipped-ratio updates.
     return stats | ddpo_train(pipe, batch, advantages, args, generator, optimizer, scaler, world), grid
 
 

@@ -267,9 +267,9 @@ def diversity(settings, explore_settings):
     pipe.scheduler.set_timesteps(args.steps)
     images, numbers = {}, {}
     for explore, name in ((False, "plain"), (True, "diffexp")):
-        images[explore] = torch.stack([diffexp.sample_batch(pipe, [p] * 16, torch.Generator().manual_seed(k),
-                                                            explore=explore, **diffexp.sampling_settings(args))["images"]
-                                       for k, p in enumerate(prompts)])
+        batches = [diffexp.sample_batch(pipe, [p] * 16, torch.Generator().manual_seed(k), explore=explore,
+                                        **diffexp.sampling_settings(args))["images"] for k, p in enumerate(prompts)]
+        images[explore] = torch.stack(batches)  # [P, 16, 3, 32, 32]
         readings = [[tuple(r.values()) for r in shapes.judge(per_prompt)] for per_prompt in images[explore]]
         distances = [torch.pdist(per_prompt.flatten(1)).mean().item() for per_prompt in images[explore]]
         numbers[name] = dict(distinct_readings=float(np.mean([len(set(r)) for r in readings])),
@@ -375,7 +375,8 @@ def premise_sweep(method, out):
         changes = ", ".join(f"{m} {d['mean']:+.3f}" for m, d in settings[-1]["difference"].items())
         print(f"[premise {method}] {kind} {setting}: {changes}", flush=True)
 
-    measure("SD 1.5 default", w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0)  # first: a combination below may repeat it
+    # first: a combination below may repeat it
+    measure("SD 1.5 default", w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0)
     for w_low, t_thres in PREMISE_EQ7:
         measure("Eq. 7", w_low=w_low, t_thres=t_thres, alpha_min=1.0, alpha_max=1.0)
     for alpha_max in PREMISE_EQ8:
@@ -771,8 +772,8 @@ HEADLINE = ("| replication | seeds | DiffExp's exploration | queries to 75% of t
             "difference | final judge, paired difference | judge, start -> end (both arms) |\n"
             "|---|---|---|---|---|---|---|---|")
 HEADLINE_PEER = ("| comparison | seeds | queries to 75% of ours' gain, peer / ours [95% interval] | area under the "
-                 "gain curve, peer / ours [95% interval] | final reward, peer - ours | final judge, peer - ours | judge, "
-                 "start -> end (peer / ours) |\n|---|---|---|---|---|---|---|")
+                 "gain curve, peer / ours [95% interval] | final reward, peer - ours | final judge, peer - ours "
+                 "| judge, start -> end (peer / ours) |\n|---|---|---|---|---|---|---|")
 
 
 def headline(name, results):

@@ -182,7 +182,9 @@ def _fetch(reward, what, load):
         constants.HF_HUB_OFFLINE = bool(unreachable)  # no retries for a file that cannot be downloaded
         return load()
     except Exception as e:  # no network, offline mode, a moved repository: the libraries' own messages are long
-        hint = f", or set DIFFEXP_AESTHETIC_HEAD to a local copy of {AESTHETIC_HEAD_FILE}" if reward == "aesthetic" else ""
+        hint = ""
+        if reward == "aesthetic":
+            hint = f", or set DIFFEXP_AESTHETIC_HEAD to a local copy of {AESTHETIC_HEAD_FILE}"
         reason = unreachable or type(e).__name__
         raise RuntimeError(f"reward {reward}: cannot download {what} ({reason}); check the network and "
                            f"HF_HUB_OFFLINE{hint}, or run offline with --model shapes --reward bold") from None

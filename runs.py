@@ -298,7 +298,8 @@ def run_directory_error(args):
         if not args.overwrite:
             return f"{args.out} exists; pass --resume {args.out}, --overwrite or another --out."
         if not is_run:
-            return f"--overwrite: {args.out} is not a run directory (no config.json); delete it yourself if you mean it."
+            return (f"--overwrite: {args.out} is not a run directory (no config.json); delete it yourself if you "
+                    "mean it.")
     if is_rank0():  # the one process that writes
         error = try_writing(args.out)
         if error:

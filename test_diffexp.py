@@ -1481,7 +1481,8 @@ def ddpo_update_on_bold(seed, sign):
     def evaluate():
         with torch.no_grad():
             g = torch.Generator().manual_seed(10_000 + seed)
-            images = torch.cat([diffexp.sample_batch(p, held_out[k : k + 16], g, **diffexp.sampling_settings(args))["images"]
+            images = torch.cat([diffexp.sample_batch(p, held_out[k : k + 16], g,
+                                                     **diffexp.sampling_settings(args))["images"]
                                 for k in range(0, len(held_out), 16)])
             return reward(images, held_out).mean().item()
 
@@ -1795,20 +1796,22 @@ def test_runs_on_a_shapes_reward_are_also_read_by_the_judge(tmp_path, capsys):
 
 
 # figures/headline_NAME.json: the replications on bold, the peer, then the harder task and the hacked reward
-PUBLISHED = ["alignprop-bold", "ddpo-bold", "alignprop-bold-eq7", "alignprop-bold-eq8", "alignprop-bold-t600",
-             "ddpo-bold-trl", "alignprop-fidelity", "ddpo-fidelity", "alignprop-fidelity-eq7", "alignprop-fidelity-eq8",
-             "alignprop-colour"]
+PUBLISHED = ["alignprop-bold", "alignprop-bold-sd15", "ddpo-bold", "ddpo-bold-sd15", "alignprop-bold-eq7",
+             "alignprop-bold-eq8", "alignprop-bold-t600", "ddpo-bold-trl", "alignprop-fidelity", "ddpo-fidelity",
+             "alignprop-fidelity-eq7", "alignprop-fidelity-eq8", "alignprop-colour"]
 
 
 def test_the_readmes_report_the_committed_results():
     """figures/README.md holds every committed results file's tables as `replicate.py --redraw` prints them, under an
     anchor of its name, with its figures beside it; the README's headline table has one row per results file, as
-    replicate.headline() writes it from the file."""
+    replicate.headline() writes it from the file (a peer's in a table of its own); every file's statistics are what
+    replicate.derive() gives from its curves today."""
     readme, full = (open(os.path.join(HERE, *path), encoding="utf-8").read()
                     for path in (["README.md"], ["figures", "README.md"]))
-    assert replicate.HEADLINE in readme
+    assert replicate.HEADLINE in readme and replicate.HEADLINE_PEER in readme
     for name in PUBLISHED:
         results = json.load(open(os.path.join(HERE, "figures", f"headline_{name}.json")))
+        assert replicate.derive(copy.deepcopy(results)) == results, name
         assert f"\n## {name}\n" in full and replicate.markdown(results) in full, name
         assert replicate.headline(name, results) in readme, name
         figures = ("curves",) if name.endswith("-trl") else ("curves", "diversity")
