@@ -513,6 +513,7 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
         explored = shapes_args([*settings, *flags])
         results["exploration"] = {k: getattr(explored, k) for k in ("w_low", "t_thres", "alpha_min", "alpha_max")}
         results["diversity"], images, prompts = diversity(settings, flags)
+    os.makedirs(out, exist_ok=True)  # its runs may live elsewhere
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     draw(results, images, prompts, os.path.join(out, ""))
