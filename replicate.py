@@ -452,10 +452,11 @@ def premise_markdown(results):
         sampler, plain = sweep["sampler"], sweep["plain"]["mean"]
         n = len(sweep["plain"]["per_prompt"]["distance"])
         lines += [f"**{method}'s sampler** (eta {sampler['eta']:g}, CFG {sampler['w_high']:g}, {sampler['steps']} "
-                  f"steps), {n} `[{sweep['prompts']}]` prompts x {sweep['samples']} samples from the same noise. "
-                  "Plain sampling: " + ", ".join(f"{PREMISE_METRICS[m]} {v:.3f}" for m, v in plain.items()) + ".",
+                  f"steps): {n} `[{sweep['prompts']}]` prompts x {sweep['samples']} samples from the same noise;",
+                  "plain sampling's values, then each setting's difference from them.",
                   "", "| setting | w_low | t_thres | alpha | " + " | ".join(PREMISE_METRICS.values())
-                  + " | keeps the premise |", "|---" * (5 + len(PREMISE_METRICS)) + "|"]
+                  + " | keeps the premise |", "|---" * (5 + len(PREMISE_METRICS)) + "|",
+                  "| plain | | | | " + " | ".join(f"{v:.3f}" for v in plain.values()) + " | |"]
         for s in sweep["settings"]:
             kind = f"**{s['kind']}, the rule's choice**" if s["setting"] == sweep["choice"]["setting"] else s["kind"]
             setting = s["setting"]
@@ -681,15 +682,18 @@ def ratio_text(p, short):
     if p["low"] is None:
         return "per seed " + ", ".join(f"{r:.2f}" for r in p["per_seed"]) + f" ({p['n']} seeds, no interval)"
     censored = p.get("censored", dict(compared=0, baseline=0))
-    notes = [f"{p['n']} seeds"]
+    never = []
     if censored["compared"]:
-        notes.append(f"{short} never reached it on {censored['compared']}, counted at the budget")
+        never.append(f"{short} on {censored['compared']}")
     if censored["baseline"]:
-        notes.append(f"the baseline never reached it on {censored['baseline']}, counted at the budget")
+        never.append(f"the baseline on {censored['baseline']}")
+    seeds = f"{p['n']} seeds"
+    if never:
+        seeds += f"; never reached by {' and '.join(never)}, counted at the budget"
     bound = {(True, False): ">= ", (False, True): "<= "}.get((censored["compared"] > 0, censored["baseline"] > 0), "")
     if len(set(p["per_seed"])) == 1:  # queries on a grid of evaluations can tie: the interval would have no width
-        return f"{bound}{p['mean']:.2f} on every seed ({'; '.join(notes)})"
-    return f"{bound}{p['mean']:.2f} [{p['low']:.2f}, {p['high']:.2f}] ({'; '.join(notes)})"
+        return f"{bound}{p['mean']:.2f} on every seed ({seeds})"
+    return f"{bound}{p['mean']:.2f} [{p['low']:.2f}, {p['high']:.2f}] ({seeds})"
 
 
 def area_text(results, short):

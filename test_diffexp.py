@@ -1591,8 +1591,8 @@ def test_a_race_counts_every_seed_censored_at_the_budget_on_a_log_scale():
     assert (ratio["mean"], ratio["low"], ratio["high"]) == pytest.approx(
         (np.exp(logs.mean()), np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
     assert replicate.ratio_text(ratio, "DiffExp") == (
-        f">= 1.59 [{np.exp(logs.mean() - half):.2f}, {np.exp(logs.mean() + half):.2f}] (3 seeds; DiffExp never "
-        "reached it on 1, counted at the budget)")
+        f">= 1.59 [{np.exp(logs.mean() - half):.2f}, {np.exp(logs.mean() + half):.2f}] (3 seeds; never reached by "
+        "DiffExp on 1, counted at the budget)")
     baseline_censored = replicate.censored_ratio([100, 100, 200], [100, None, 200], budget=400)
     assert replicate.ratio_text(baseline_censored, "DiffExp").startswith("<= 0.63 [")
     assert replicate.ratio_text(replicate.censored_ratio([100, 200], [100, 100], budget=400), "DiffExp") == (
