@@ -87,8 +87,8 @@ GROUPS = {"method": "what to fine-tune", "steps": "sampling", "w_low": "DiffExp 
 
 # The settings that depend on the method ("*": any model; the paper's values, its appendix B) or on an offline model
 # (ours). A setting whose flag is not given takes the first value of DEFAULTS[model, method], DEFAULTS["*", method]
-# and Args that has it. The shapes model: runs of minutes on 2 cores, on its style reward bold. DDPO's budget is
-# where plain DDPO gains about 0.10 there, and each method's exploration is the premise sweep's (README).
+# and Args that has it. The shapes model: runs of minutes on 2 cores, on its style reward bold; the README says how
+# DDPO's budget and each method's exploration (replicate.py --premise) were chosen.
 TINY_RUN = dict(epochs=6, batch_size=16, steps=20, micro_batch_size=4, train_batch_size=8, lr=1e-2)
 SHAPES_RUN = dict(reward="bold", prompts="bold", eval_prompts="unseen_bold", eval_every=1, micro_batch_size=16)
 DEFAULTS = {

@@ -326,6 +326,7 @@ def test_the_method_section_lifts_alone_into_a_plain_diffusers_pipeline():
             lifted["sample_batch"](pipe, prompts, torch.Generator().manual_seed(0), w_high=5.0, eta=1.0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' Euler scheduler, numpy 2's copy keyword
 def test_the_ddim_step_refuses_other_schedulers(pipe):
     """ddim_step_with_logprob, lifted alone with another scheduler, says so instead of failing deep inside (Euler has
     no final_alpha_cumprod) or stepping wrongly (PNDM's timesteps repeat one)."""
