@@ -4,7 +4,7 @@ DiffExp changes only how the online samples of DDPO (policy gradient, Black et a
 AlignProp (reward backprop, Prabhudesai et al. 2023) are drawn, and only for the first 3/4 of the
 training epochs. This file, read with the paper:
 
-1. The method, each function copyable alone (it needs math, torch and diffusers' DDIMScheduler):
+1. The method, which copies alone (it needs math, torch and diffusers' DDIMScheduler, nothing else):
    Eq. (7)      w_t = w_low if t > t_thres else w_high .............. cfg_scale_schedule
    Eq. (8)      c'_i = c_empty_i + alpha (c_i - c_empty_i) .......... draw_prompt_weights,
                                                                       weight_prompt_embeds
@@ -25,9 +25,9 @@ Ours where the paper is silent (the README lists them all): for SD 1.5, w_low 1.
 alpha ~ U(1, 2); for the offline shapes model, each method's exploration is set by a sweep at its
 starting model and a rule written before any training run; DDPO's eta 1.0; AlignProp's loss
 coefficient 0.01 (its configs). Unlike the baselines' code, AlignProp draws K ~ U{1..steps} once per
-batch, not per step, and checkpoints every UNet call under gradient; processes average the LoRA's
-gradients with one all_reduce, not DDP; each epoch's generator is seeded from (seed, epoch, rank),
-so that a resumed run draws what the unbroken one did.
+sampled micro-batch, not per step, and checkpoints every UNet call under gradient; processes average
+the LoRA's gradients with one all_reduce, not DDP; each epoch's generator is seeded from (seed,
+epoch, rank), so that a resumed run draws what the unbroken one did.
 """
 
 import math
@@ -166,8 +166,8 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_l
         noise_device = generator.device if generator is not None else latents.device
         z = torch.randn(latents.shape, generator=generator, device=noise_device)
         prev_latents = mu + std * z.to(latents.device)
-    # 5. log N(x_{t-1}; mu, sigma_t^2 I) per dimension, averaged, as DDPO does: a sum would
-    #    overflow the 1e-4 clip range of the ratio. The sample itself is data (detached).
+    # 5. log N(x_{t-1}; mu, sigma_t^2 I) per dimension, averaged, as DDPO does: a sum would put
+    #    nearly every ratio outside the 1e-4 clip range. The sample itself is data (detached).
     log_prob = (-((prev_latents.detach() - mu) ** 2) / (2 * std**2) - std.log()
                 - math.log(math.sqrt(2 * math.pi)))  # [B, C, h, w]
     return prev_latents, log_prob.mean(dim=(1, 2, 3))  # [B]
@@ -337,12 +337,11 @@ def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     return torch.maximum(unclipped, clipped).mean()
 
 
-def alignprop_loss(pipe, reward_fn, prompts, generator, K, loss_coeff, **sampling_settings):
+def alignprop_loss(pipe, reward_fn, prompts, generator, K, loss_coeff, **sampling):
     """AlignProp's objective for one batch: sample with the UNet's gradient kept through the last K
     steps (each call checkpointed), decode, score; loss = -loss_coeff * mean(reward). Returns
     (loss, rewards [B], images)."""
-    out = sample_batch(pipe, prompts, generator, backprop_steps=K, checkpoint=True,
-                       **sampling_settings)
+    out = sample_batch(pipe, prompts, generator, backprop_steps=K, checkpoint=True, **sampling)
     reward = reward_fn(out["images"], prompts)
     return -loss_coeff * reward.mean(), reward, out["images"]
 
@@ -439,7 +438,8 @@ def ddpo_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, sc
 
 
 def alignprop_epoch(pipe, reward_fn, prompts, args, explore, generator, optimizer, scaler, world):
-    """One AlignProp epoch on this process's share of --batch-size: one truncation depth K per batch, as the paper."""
+    """One AlignProp epoch on this process's share of --batch-size: one truncation depth K per sampled micro-batch
+    (all its denoising steps share it), as the paper."""
     n = args.batch_size // world
     micro_batch = args.micro_batch_size
     micro_batches_per_update = args.train_batch_size // world // micro_batch
@@ -770,7 +770,7 @@ def main(argv=None):
     logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)  # its retry warnings: failures say why
     try:
         checkpoint = None
-        if args.resume or args.generate:  # read first: a damaged checkpoint is refused before anything loads
+        if args.resume or args.generate:  # read first: a damaged checkpoint is refused before the model loads
             try:
                 checkpoint = load_checkpoint(args.resume or args.generate)
             except ValueError as e:

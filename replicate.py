@@ -122,8 +122,11 @@ def finished(script, argv, run_dir):
             saved = json.load(f)
     except (OSError, ValueError):
         return False
-    with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
-        now = vars(runs.parse_args([*argv, "--out", f"{unused}/run"]))
+    try:
+        with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
+            now = vars(runs.parse_args([*argv, "--out", f"{unused}/run"]))
+    except SystemExit:  # arguments that the code refuses today: the run cannot be what they give
+        return False
     return all(saved.get(name) == value for name, value in now.items() if name not in runs.RUN_DIRECTORY)
 
 
@@ -334,6 +337,8 @@ def premise_choice(settings):
     distance. If there is none, that is the finding, and the choice is the setting closest to the rule: the more
     diverse one with the smallest quality loss. Returns (setting, "keeps the premise" or "closest to the premise")."""
     diverse = [s for s in settings if s["difference"]["distance"]["low"] > 0]
+    if not diverse:
+        raise ValueError("no setting is more diverse than plain sampling: the rule has nothing to choose.")
     kept = [s for s in diverse if keeps_premise(s)]
     if kept:
         return max(kept, key=lambda s: s["difference"]["distance"]["mean"]), "keeps the premise"
@@ -468,14 +473,14 @@ def premise_markdown(results):
     return "\n".join(lines).rstrip()
 
 
-def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None, runs=None,
+def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None, runs_dir=None,
               baseline_from=None):
-    """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. The runs live in
-    `runs` (default out/runs) as ARM-sSEED, ARM "baseline", "diffexp", the ablation's or the peer's name: replications
-    given one `runs` share the runs whose arguments are equal (run_in_parallel), such as a baseline arm. With
-    `baseline_from`, a published results file of the same settings, the baseline arm is its curves, not new runs.
-    With a `peer`, its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there is no
-    diversity to show."""
+    """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. The runs live
+    in `runs_dir` (default out/runs) as ARM-sSEED, ARM "baseline", "diffexp", the ablation's or the peer's name:
+    replications given one `runs_dir` share the runs whose arguments are equal (run_in_parallel), such as a baseline
+    arm. With `baseline_from`, a published results file of the same settings, the baseline arm is its curves, not
+    new runs. With a `peer`, its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there
+    is no diversity to show."""
     if not 2 <= seeds <= len(T_975) + 1 or parallel < 1:
         raise ValueError(f"replicate needs 2 to {len(T_975) + 1} seeds (for the intervals) and 1 run at a time.")
     if peer and (method != "ddpo" or ablation):
@@ -495,13 +500,13 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
         if published["settings"] != settings or published["seeds"] < seeds:
             raise ValueError(f"--baseline-from {baseline_from}: its baseline ran with {published['settings']} on "
                              f"{published['seeds']} seeds; this replication needs {settings} on {seeds}.")
-    runs = runs or os.path.join(out, "runs")
+    runs_dir = runs_dir or os.path.join(out, "runs")
     commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *flags],
-                                    os.path.join(runs, f"{name}-s{seed}"))
+                                    os.path.join(runs_dir, f"{name}-s{seed}"))
                 for seed in range(seeds) for arm, (script, flags, name) in arms.items()
                 if not (published and arm == "baseline")}
     run_in_parallel(commands, parallel)
-    logs = {arm: [read_log(os.path.join(runs, f"{name}-s{seed}")) for seed in range(seeds)]
+    logs = {arm: [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) for seed in range(seeds)]
             for arm, (_, _, name) in arms.items()}
     if published:
         logs["baseline"] = [logged_rows(published, "baseline", seed) for seed in range(seeds)]
@@ -803,23 +808,23 @@ def headline(name, results):
 def plot_runs(run_dirs, out_path):
     """Reward against reward queries, a line per run: training samples (the paper's Fig. 4), unseen prompts (Fig. 6)."""
     plt = pyplot()
-    runs = {}
+    logged = {}
     for run_dir in run_dirs:
         try:
             with open(os.path.join(run_dir, "log.jsonl")) as log, open(os.path.join(run_dir, "config.json")) as config:
-                runs[run_dir] = json.load(config), [json.loads(line) for line in log if line.strip()]
+                logged[run_dir] = json.load(config), [json.loads(line) for line in log if line.strip()]
         except OSError:
             raise ValueError(f"--plot {run_dir}: not a run directory (no log.jsonl or config.json in it).") from None
-    reward, *others = sorted({config["reward"] for config, _ in runs.values()})
+    reward, *others = sorted({config["reward"] for config, _ in logged.values()})
     if others:
         raise ValueError(f"--plot: the runs use different rewards ({', '.join([reward, *others])}); plot them apart.")
     panels = {"reward_mean": ("training samples", reward),
               f"eval_unseen_{reward}": ("unseen prompts, fixed noise", reward),
               "eval_unseen_shapes_judge": ("unseen prompts: the judge, never trained on", "shapes_judge")}
-    logged = {k for _, rows in runs.values() for r in rows for k in r}
+    logged = {k for _, rows in logged.values() for r in rows for k in r}
     panels = {k: v for k, v in panels.items() if k == "reward_mean" or k in logged}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-    for run_dir, (config, rows) in runs.items():
+    for run_dir, (config, rows) in logged.items():
         arm = "" if config["no_explore"] else " + DiffExp"
         label = f"{config['method']}{arm} ({os.path.basename(run_dir.rstrip('/'))})"
         for ax, key in zip(axes, panels):

@@ -65,7 +65,7 @@ class Args:
     clip_range: float = arg(1e-4, "clip range eps of the likelihood ratio (paper)")
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
     backprop_steps: int = arg(None, "a fixed K: the last K steps keep the UNet's gradient (unset: K ~ U{1..steps})")
-    backprop_random: bool = arg(False, "draw K ~ U{1..--backprop-steps} once per batch instead of a fixed K")
+    backprop_random: bool = arg(False, "draw K ~ U{1..--backprop-steps} per micro-batch instead of a fixed K")
     loss_coeff: float = arg(0.01, "loss = -loss_coeff * mean(reward) (AlignProp's configs)")
     out: str = arg(None, "run directory (unset: runs/METHOD-REWARD-MODEL-ARM[-CHANGED SETTINGS]-sSEED)")
     resume: str = arg(None, "continue the run in this directory from its last checkpoint, with its settings")
@@ -112,7 +112,7 @@ RESUMABLE = {"epochs", "resume", "out", "overwrite", "eval_every", "eval_reward"
 
 
 def default_of(name, method, model):
-    """The value a setting takes when its flag is not given."""
+    """The value a setting takes when its flag is not given (a yes/no flag is never in the tables)."""
     for table in (DEFAULTS.get((model, method), {}), DEFAULTS.get(("*", method), {})):
         if name in table:
             return table[name]
@@ -195,7 +195,8 @@ def parse_args(argv=None):
         refuse(message)
     if not args.generate:
         args.out = args.resume or args.out or os.path.join("runs", run_name(args))
-        message = run_directory_error(args)
+        # Rank 0 alone checks the run directory: the others could see its write test's directory appear.
+        message = run_directory_error(args) if is_rank0() else None
         if message:
             refuse(message)
     for message in prompt_errors(args):  # last: a shapes-world reward imports shapes.py, and with it torch
@@ -300,10 +301,9 @@ def run_directory_error(args):
         if not is_run:
             return (f"--overwrite: {args.out} is not a run directory (no config.json); delete it yourself if you "
                     "mean it.")
-    if is_rank0():  # the one process that writes
-        error = try_writing(args.out)
-        if error:
-            return f"cannot write the run directory {args.out} ({error}); choose another --out."
+    error = try_writing(args.out)
+    if error:
+        return f"cannot write the run directory {args.out} ({error}); choose another --out."
     return None
 
 
@@ -339,7 +339,7 @@ def load_prompts(name):
         sets = {name: lines}
     else:
         starts = [k for k, line in enumerate(lines) if line.startswith("[") and line.endswith("]")]
-        if starts[0] > 0:
+        if lines and (not starts or starts[0] > 0):
             raise ValueError(f"prompts.txt: the prompt {lines[0]!r} comes before any [set] line.")
         ends = starts[1:] + [len(lines)]
         sets = {lines[start][1:-1]: lines[start + 1 : end] for start, end in zip(starts, ends)}

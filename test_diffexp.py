@@ -794,6 +794,11 @@ def test_empty_prompt_set_is_refused_and_a_prompt_file_is_accepted(tmp_path, mon
     with pytest.raises(SystemExit):
         runs.parse_args(["--model", "tiny"])
     assert "prompts 'unseen_animals': no such file, nor a set of prompts.txt with prompts" in capsys.readouterr().err
+    for text, message in (("cat\n", "the prompt 'cat' comes before any [set] line"), ("", "no such file, nor a set")):
+        (tmp_path / "prompts.txt").write_text(text)  # a prompts.txt with no set, or nothing at all: one line each
+        with pytest.raises(SystemExit) as exit_info:
+            runs.parse_args(["--model", "tiny"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_prompts_txt_has_the_papers_sets():
@@ -1625,6 +1630,8 @@ def test_the_premise_rule_takes_the_most_diverse_setting_that_keeps_quality():
              a_setting("both", 1.0, -0.5, 0.0, 0.0)]
     choice, verdict = replicate.premise_choice(lossy)
     assert choice is lossy[0] and verdict == "closest to the premise"  # a loss of 0.05 beats 0.10
+    with pytest.raises(ValueError, match="no setting is more diverse than plain sampling"):
+        replicate.premise_choice([a_setting("Eq. 7", 1.0, -0.5, 0.0, 0.0)])
 
 
 def test_the_shapes_models_exploration_is_the_premise_sweeps_choice():
