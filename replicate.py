@@ -821,8 +821,8 @@ def plot_runs(run_dirs, out_path):
     panels = {"reward_mean": ("training samples", reward),
               f"eval_unseen_{reward}": ("unseen prompts, fixed noise", reward),
               "eval_unseen_shapes_judge": ("unseen prompts: the judge, never trained on", "shapes_judge")}
-    logged = {k for _, rows in logged.values() for r in rows for k in r}
-    panels = {k: v for k, v in panels.items() if k == "reward_mean" or k in logged}
+    metrics = {k for _, rows in logged.values() for r in rows for k in r}
+    panels = {k: v for k, v in panels.items() if k == "reward_mean" or k in metrics}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for run_dir, (config, rows) in logged.items():
         arm = "" if config["no_explore"] else " + DiffExp"
