@@ -38,10 +38,14 @@ import shapes
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def exploration_flags(w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0):
-    """An exploration setting as diffexp.py's flags; the defaults are our SD 1.5 values."""
-    return ["--w-low", f"{w_low:g}", "--t-thres", str(t_thres), "--alpha-min", f"{alpha_min:g}", "--alpha-max",
-            f"{alpha_max:g}"]
+SD15_EXPLORATION = dict(w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0)  # our SD 1.5 values
+
+
+def exploration_flags(**changes):
+    """Our SD 1.5 exploration with `changes` (w_low, t_thres, alpha_min, alpha_max) as diffexp.py's flags."""
+    setting = SD15_EXPLORATION | changes
+    return ["--w-low", f"{setting['w_low']:g}", "--t-thres", str(setting["t_thres"]), "--alpha-min",
+            f"{setting['alpha_min']:g}", "--alpha-max", f"{setting['alpha_max']:g}"]
 
 
 # Per method and reward, the runs' settings (ours), given to both arms on top of the shapes model's defaults. Other
@@ -322,7 +326,7 @@ def bootstrap(differences, resamples=2000, seed=0):
 
 def keeps_premise(setting):
     """The rule's quality bound: neither the judge's mean nor bold's falls by more than PREMISE_BOUND from plain's."""
-    return min(setting["difference"]["judge"]["mean"], setting["difference"]["bold"]["mean"]) >= -PREMISE_BOUND
+    return quality_loss(setting) <= PREMISE_BOUND
 
 
 def quality_loss(setting):
@@ -381,7 +385,7 @@ def premise_sweep(method, out):
         print(f"[premise {method}] {kind} {setting}: {changes}", flush=True)
 
     # first: a combination below may repeat it
-    measure("SD 1.5 default", w_low=1.0, t_thres=900, alpha_min=1.0, alpha_max=2.0)
+    measure("SD 1.5 default", **SD15_EXPLORATION)
     for w_low, t_thres in PREMISE_EQ7:
         measure("Eq. 7", w_low=w_low, t_thres=t_thres, alpha_min=1.0, alpha_max=1.0)
     for alpha_max in PREMISE_EQ8:
@@ -506,10 +510,12 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
                 for seed in range(seeds) for arm, (script, flags, name) in arms.items()
                 if not (published and arm == "baseline")}
     run_in_parallel(commands, parallel)
-    logs = {arm: [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) for seed in range(seeds)]
-            for arm, (_, _, name) in arms.items()}
-    if published:
-        logs["baseline"] = [logged_rows(published, "baseline", seed) for seed in range(seeds)]
+    logs = {}
+    for arm, (_, _, name) in arms.items():
+        if published and arm == "baseline":
+            logs[arm] = [logged_rows(published, "baseline", seed) for seed in range(seeds)]
+        else:
+            logs[arm] = [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) for seed in range(seeds)]
     flags = arms[compared][1]
     results = summarise(logs, method, reward, settings) | dict(ablation=ablation, diffexp_flags=flags,
                                                                baseline_from=baseline_from)
