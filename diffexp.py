@@ -8,7 +8,6 @@ training epochs. This file, read with the paper:
    Eq. (7)      w_t = w_low if t > t_thres else w_high .............. cfg_scale_schedule
    Eq. (8)      c'_i = c_empty_i + alpha (c_i - c_empty_i) .......... draw_prompt_weights,
                                                                       weight_prompt_embeds
-                exploration for the first 3/4 of the epochs ......... explores
    Eq. (4)      classifier-free guidance ............................ cfg_noise_pred
    Eq. (2)-(3)  the DDIM step as a Gaussian policy, its log-prob .... ddim_step_with_logprob
                 the denoising loop (AlignProp's truncated backprop) . sample
@@ -21,13 +20,17 @@ training epochs. This file, read with the paper:
 Settings and the command line live in runs.py, which needs the standard library alone: a bad flag is
 refused before torch loads.
 
-Ours where the paper is silent (the README lists them all): for SD 1.5, w_low 1.0, t_thres 900 and
-alpha ~ U(1, 2); for the offline shapes model, each method's exploration is set by a sweep at its
-starting model and a rule written before any training run; DDPO's eta 1.0; AlignProp's loss
-coefficient 0.01 (its configs). Unlike the baselines' code, AlignProp draws K ~ U{1..steps} once per
-sampled micro-batch, not per step, and checkpoints every UNet call under gradient; processes average
-the LoRA's gradients with one all_reduce, not DDP; each epoch's generator is seeded from (seed,
-epoch, rank), so that a resumed run draws what the unbroken one did.
+The paper explores for the first 3/4 of the training epochs: a run counts them when it starts
+(runs.exploring_epochs, --explore-epochs) and train() samples plainly after them, a resumed run too.
+
+Ours where the paper is silent, or where its text lost the numbers (its formulas and inline values did
+not survive; the README lists them all): for SD 1.5, w_low 1.0, t_thres 900 and alpha ~ U(1, 2); for
+the offline shapes model, each method's exploration is set by a sweep at its starting model and a rule
+written before any training run; DDPO's eta 1.0; AlignProp's loss coefficient 0.01 (its configs).
+Unlike the baselines' code, AlignProp draws K ~ U{1..steps} once per sampled micro-batch, not per step,
+and checkpoints every UNet call under gradient; processes average the LoRA's gradients with one
+all_reduce, not DDP; each epoch's generator is seeded from (seed, epoch, rank), so that a resumed run
+draws what the unbroken one did.
 """
 
 import math
@@ -99,11 +102,6 @@ def weight_prompt_embeds(prompt_embeds, empty_embeds, token_index, alpha):
     return prompt_embeds.index_put((rows, token_index), c_prime_i.to(prompt_embeds.dtype))
 
 
-def explores(epoch, epochs, fraction=0.75):
-    """Whether epoch 1 ... epochs samples with DiffExp: the paper explores for the first 3/4."""
-    return epoch <= math.ceil(fraction * epochs)
-
-
 def cfg_noise_pred(unet, x_t, t, cond, uncond, w):
     """Eq. (4): eps = eps(x_t, t, c_empty) + w * (eps(x_t, t, c) - eps(x_t, t, c_empty)), fp32
     [B, C, h, w]. cond, uncond: the two branches' UNet conditioning, dicts of tensors [B or 1, ...]
@@ -132,6 +130,20 @@ def cfg_noise_pred(unet, x_t, t, cond, uncond, w):
     return eps_uncond + w.view(B, 1, 1, 1) * (eps_cond - eps_uncond)  # [B, C, h, w]
 
 
+def check_scheduler(scheduler):
+    """Refuse, in one line, a scheduler that ddim_step_with_logprob does not compute: not DDIM, or one that predicts
+    anything but epsilon, or clips or thresholds x_0 (SD does neither)."""
+    if not isinstance(scheduler, DDIMScheduler):
+        raise TypeError(f"this is a DDIM step, and the scheduler is {type(scheduler).__name__}; "
+                        "convert it first: "
+                        "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+    config = scheduler.config
+    if config.prediction_type != "epsilon" or config.clip_sample or config.thresholding:
+        raise ValueError(f"this DDIM step needs a scheduler that predicts epsilon and neither clips nor "
+                         f"thresholds x_0; this one predicts {config.prediction_type!r}, clip_sample="
+                         f"{config.clip_sample}, thresholding={config.thresholding}.")
+
+
 def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_latents=None,
                            generator=None):
     """One DDIM step x_t -> x_{t-1} as a Gaussian policy (Eq. 2-3; DDPO's formulation) with
@@ -140,10 +152,7 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_l
     `generator`; with them, the given x_{t-1} is scored (DDPO's training pass). Returns
     (prev_latents [B, C, h, w], log_prob [B] averaged over C*h*w, or None if eta = 0: no density).
     """
-    if not isinstance(scheduler, DDIMScheduler):
-        raise TypeError(f"this is a DDIM step, and the scheduler is {type(scheduler).__name__}; "
-                        "convert it first: "
-                        "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+    check_scheduler(scheduler)
     # 1. The previous timestep (timesteps count down) and the cumulative alphas abar_t and
     #    abar_{t-1}; past the last step, abar_{t-1} is the scheduler's final alpha.
     t = torch.as_tensor(timestep).cpu().long()
@@ -191,10 +200,7 @@ def sample(pipe, cond, uncond, scales, latents, eta, generator=None, backprop_st
     on the weights only through eps. checkpoint=True recomputes each UNet call under grad in the
     backward pass, so that memory stays flat in K and T. Returns the trajectory x_T ... x_0, the
     log-probs, the images, and the inputs that DDPO's training pass needs."""
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        raise TypeError(f"sample() takes DDIM steps, and the pipeline's scheduler is "
-                        f"{type(pipe.scheduler).__name__}; convert it first: "
-                        "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+    check_scheduler(pipe.scheduler)  # before any UNet call
     timesteps = pipe.scheduler.timesteps
     T = len(timesteps)
     if len(scales) != T:
@@ -508,9 +514,10 @@ EVAL_SEED = 1234  # evaluation always draws the same noise: seed (seed, EVAL_SEE
 
 
 @torch.no_grad()
-def evaluate(pipe, reward_fns, prompt_sets, args, world):
-    """Plain sampling from fixed noise on each prompt set, every prompt, cycled to at least --batch-size images.
-    Returns the mean rewards {"eval_SET_REWARD": float} and this process's (image, prompt, {reward: score}) per set."""
+def evaluate(pipe, reward_fns, prompt_sets, args, world, explore=False):
+    """Plain sampling (or, with `explore`, DiffExp's sampler at the run's settings) from fixed noise on each prompt set,
+    every prompt, cycled to at least --batch-size images. Returns the mean rewards {"eval_SET_REWARD": float} and this
+    process's (image, prompt, {reward: score}) per set."""
     rank = torch.distributed.get_rank() if world > 1 else 0
     micro_batch = args.micro_batch_size
     metrics = {}
@@ -521,7 +528,7 @@ def evaluate(pipe, reward_fns, prompt_sets, args, world):
         local_prompts = [prompts[k % len(prompts)] for k in range(rank * n // world, (rank + 1) * n // world)]
         generator = seeded_generator(args.seed, EVAL_SEED, rank)
         starts = tqdm(range(0, len(local_prompts), micro_batch), desc=f"evaluating {set_name}", disable=not is_main())
-        images = torch.cat([sample_batch(pipe, local_prompts[k : k + micro_batch], generator,
+        images = torch.cat([sample_batch(pipe, local_prompts[k : k + micro_batch], generator, explore=explore,
                                          **sampling_settings(args))["images"] for k in starts])
         scores = {}
         for name, fn in reward_fns.items():
@@ -534,8 +541,8 @@ def evaluate(pipe, reward_fns, prompt_sets, args, world):
 
 
 def train(pipe, reward_fns, args, optimizer, scaler, tracker, start, world, rank):
-    """The epochs: DiffExp sampling for the first 3/4 of them, an update, evaluation, a log line, checkpoints.
-    Every process runs every collective; rank 0 alone writes files. Returns the last log row."""
+    """The epochs: DiffExp sampling for the first --explore-epochs of them, an update, evaluation, a log line,
+    checkpoints. Every process runs every collective; rank 0 alone writes files. Returns the last log row."""
     def write_epoch(row, grids, save):  # rank 0's files for one epoch
         for name, grid in grids.items():
             save_grid(os.path.join(args.out, f"{name}_{row['epoch']:04d}.png"), grid[:16])
@@ -548,6 +555,9 @@ def train(pipe, reward_fns, args, optimizer, scaler, tracker, start, world, rank
 
     def evaluated(row, grids):  # the epoch's row and grids, with the evaluation's added
         metrics, eval_grids = evaluate(pipe, reward_fns, eval_sets, args, world)
+        if args.eval_explored:  # the unseen prompts under DiffExp's sampler, same noise: what the LoRA learned of it
+            explored = evaluate(pipe, reward_fns, {"unseen_explored": eval_sets["unseen"]}, args, world, explore=True)
+            metrics, eval_grids = metrics | explored[0], eval_grids | explored[1]
         return row | metrics, grids | {f"eval_{set_name}": grid for set_name, grid in eval_grids.items()}
 
     prompts = runs.load_prompts(args.prompts)
@@ -556,7 +566,7 @@ def train(pipe, reward_fns, args, optimizer, scaler, tracker, start, world, rank
         row, grids = evaluated(dict(epoch=0, reward_queries=0), {})
         on_rank0(write_epoch, row, grids, False)
     for epoch in range(start + 1, args.epochs + 1):
-        explore = not args.no_explore and explores(epoch, args.epochs)  # as in an unbroken run, if resumed
+        explore = not args.no_explore and epoch <= args.explore_epochs  # fixed at the start: a resume keeps it
         generator = seeded_generator(args.seed, epoch, rank)
         common = (pipe, reward_fns[args.reward], prompts, args, explore, generator, optimizer, scaler)
         if args.method == "ddpo":
@@ -595,8 +605,10 @@ def load_pipeline(model, lora_rank, device, dtype):
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ValueError(f"--model {model!r} is a {type(pipe).__name__}; this code fine-tunes SD 1.x and SDXL.")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # DDPO's policy is the DDIM step
-    if pipe.scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"{model!r} predicts {pipe.scheduler.config.prediction_type!r}; this code needs epsilon.")
+    try:
+        check_scheduler(pipe.scheduler)  # epsilon, no clipping: what the step computes
+    except ValueError as e:
+        raise ValueError(f"--model {model!r}: {e}") from None
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
@@ -797,6 +809,9 @@ def run(args, checkpoint, world, rank):
     if is_main():
         resumed = f", resumed after epoch {state['epoch']}" if args.resume else ""
         print(f"run directory {args.generate or args.out}{resumed}")
+        if args.resume and not args.no_explore:
+            print(f"DiffExp explores in epochs 1 to {args.explore_epochs}, as when the run started "
+                  f"(--epochs {args.epochs} does not move it)")
         print(f"device {device}, frozen weights {dtype_name}, LoRA weights and losses fp32, {world} process(es); "
               f"reward {args.reward}{' (tiny random networks)' if tiny else ''}")
     # The shapes world's judge scores every evaluation of its rewards: a reward that rises while the judge falls is

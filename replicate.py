@@ -54,8 +54,8 @@ def exploration_flags(**changes):
 GRAMMAR = ["--prompts", "shapes", "--eval-prompts", "unseen_shapes", "--epochs", "16", "--eval-every", "2",
            *exploration_flags()]
 SETTINGS = {
-    ("alignprop", "bold"): ["--epochs", "12", "--batch-size", "32", "--eval-every", "1"],
-    ("ddpo", "bold"): [],  # the shapes model's DDPO defaults: its quick start's runs
+    ("alignprop", "bold"): ["--epochs", "12", "--batch-size", "32", "--eval-every", "1", "--eval-explored"],
+    ("ddpo", "bold"): ["--eval-explored"],  # the shapes model's DDPO defaults: its quick start's runs
     "alignprop": [*GRAMMAR, "--batch-size", "32", "--steps", "20", "--train-batch-size", "16"],
     "ddpo": [*GRAMMAR, "--batch-size", "64", "--samples-per-prompt", "16", "--steps", "10", "--train-batch-size", "32",
              "--lr", "0.0003"],
@@ -65,6 +65,10 @@ PEERS = {"trl": "TRL's DDPOTrainer"}  # replicate.py --peer trl: a peer implemen
 # (alpha = 1), Eq. 8 only (no t > 999), Eq. 7 on more steps (t > 800: 4 of 20, t > 600: 8 of 20; t > 900 touches 2)
 ABLATIONS = {"sd15": exploration_flags(), "eq7": exploration_flags(alpha_max=1), "eq8": exploration_flags(t_thres=999),
              "t800": exploration_flags(t_thres=800), "t600": exploration_flags(t_thres=600)}
+# The paper's Fig. 9(b), the dose: the premise rule's exploration (the shapes model's default) with fewer unguided
+# steps, t_thres 900, 800 and 700 (the rule's 600 runs without --ablation)
+DOSE = (900, 800, 700)
+ABLATIONS |= {f"rule-t{t_thres}": ["--t-thres", str(t_thres)] for t_thres in DOSE}
 LEVELS = (0.5, 0.75, 0.9)  # fractions of the baseline's final gain
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}  # Student's t, 97.5% quantile by degrees of freedom
@@ -189,35 +193,44 @@ def censored_ratio(compared, baseline, budget):
     return log_ratio(queries[0] / queries[1]) | dict(censored=censored)
 
 
-def gain_area(queries, values):
-    """The area under a curve's gain over its start, by the trapezoid rule, divided by the budget: the mean gain over
-    the run, in reward units."""
-    gain = np.asarray(values, dtype=float) - values[0]
+def gain_area(queries, values, start):
+    """The area under a curve's gain over `start` (the baseline's first value of the same seed, so that both arms are
+    measured from one level), by the trapezoid rule, divided by the budget: the mean gain over the run, in reward
+    units."""
+    gain = np.asarray(values, dtype=float) - start
     return float(np.sum((gain[1:] + gain[:-1]) / 2 * np.diff(queries)) / queries[-1])
 
 
 def area_ratio(results, metric):
     """The area under the gain curve (gain_area) per seed, compared arm over baseline, on the log scale, or, where an
     area is not positive (no gain to compare), the per-seed areas alone: dict(..., areas={arm: [per seed]})."""
+    starts = [values[0] for values in results["curves"][f"baseline/{metric}"]["per_seed"]]
     areas = {}
     for name in results["arms"]:
         curve = results["curves"][f"{name}/{metric}"]
-        areas[name] = [gain_area(curve["queries"], values) for values in curve["per_seed"]]
+        areas[name] = [gain_area(curve["queries"], values, start) for values, start in zip(curve["per_seed"], starts)]
     compared, baseline = np.array(areas[results["arms"][0]]), np.array(areas["baseline"])
     if (compared <= 0).any() or (baseline <= 0).any():
         return dict(mean=None, low=None, high=None, n=len(baseline), per_seed=None, areas=areas)
     return log_ratio(compared / baseline) | dict(areas=areas)
 
 
-def summarise(logs, method, reward, settings):
+def explored_metrics(reward):
+    """The held-out prompts sampled with DiffExp's sampler (diffexp.py --eval-explored): the reward and the judge."""
+    return [f"eval_unseen_explored_{reward}", "eval_unseen_explored_shapes_judge"]
+
+
+def summarise(logs, method, reward, settings, explored=False):
     """results.json's content from the runs' logs {arm: [rows of seed 0, rows of seed 1, ...]}, the compared arm first
     ("diffexp", or a peer), then "baseline": the curves (training reward, and the evaluation on unseen prompts of the
-    reward and of the judge) per seed with their mean and std, and what derive() computes from them."""
+    reward and of the judge; with `explored`, also their evaluation with DiffExp's sampler) per seed with their mean
+    and std, and what derive() computes from them."""
     seeds = len(logs["baseline"])
     judge = ["eval_unseen_shapes_judge"] if reward != "shapes_judge" else []
+    metrics = ["reward_mean", f"eval_unseen_{reward}", *judge, *(explored_metrics(reward) if explored else [])]
     results = dict(method=method, reward=reward, seeds=seeds, settings=settings, arms=list(logs), curves={})
     for arm, arm_logs in logs.items():
-        for metric in ["reward_mean", f"eval_unseen_{reward}", *judge]:
+        for metric in metrics:
             queries = [r["reward_queries"] for r in arm_logs[0] if metric in r]
             values = np.array([[r[metric] for r in log if metric in r] for log in arm_logs])  # [seeds, points]
             results["curves"][f"{arm}/{metric}"] = dict(queries=queries, per_seed=values.tolist(),
@@ -226,19 +239,22 @@ def summarise(logs, method, reward, settings):
 
 
 def derive(results):
-    """The statistics of a results file, from its curves alone: the final values (mean and std over seeds); for
-    50/75/90% of the baseline's gain (its mean curve, start to end), the queries after which each arm's seeds first
-    reach it (None: never) and the per-seed ratio compared / baseline, censored at the budget (censored_ratio; counted
-    whatever the gain: markdown() says "no gain" where it is within the seeds' spread); the area under the evaluation's
-    gain curve, compared / baseline (area_ratio); and the per-seed paired differences of the final values, compared
-    arm minus baseline, with 95% intervals."""
-    arm, evaluation = results["arms"][0], f"eval_unseen_{results['reward']}"
+    """The statistics of a results file, from its curves alone, for both readings of the reward, the training samples
+    ("reward_mean") and the unseen prompts sampled plainly ("eval_unseen_REWARD"): for 50/75/90% of the baseline's gain
+    (its mean curve, start to end), the queries after which each arm's seeds first reach it (None: never) and the
+    per-seed ratio compared / baseline, censored at the budget (censored_ratio; counted whatever the gain: markdown()
+    says "no gain" where it is within the seeds' spread), and the area under the gain curve, compared / baseline
+    (area_ratio). Then the final values (mean and std over seeds), and their per-seed paired differences, compared arm
+    minus baseline, with 95% intervals; with the unseen prompts also sampled with DiffExp's sampler, the paired
+    differences between the samplers (sampler_differences)."""
+    arm, reward = results["arms"][0], results["reward"]
+    readings = ("reward_mean", f"eval_unseen_{reward}")
     metrics = [key.split("/")[1] for key in results["curves"] if key.startswith("baseline/")]
-    results |= dict(table={}, final={}, paired={}, area=area_ratio(results, evaluation))
+    results |= dict(table={}, area={}, final={}, paired={}, samplers=None)
     for key, curve in results["curves"].items():
         last = np.array(curve["per_seed"])[:, -1]
         results["final"][key] = dict(mean=float(last.mean()), std=float(last.std()))
-    for metric in ("reward_mean", evaluation):
+    for metric in readings:
         base, rows = results["curves"][f"baseline/{metric}"], []
         for fraction in LEVELS:
             level = base["mean"][0] + fraction * (base["mean"][-1] - base["mean"][0])
@@ -249,11 +265,48 @@ def derive(results):
             ratio = censored_ratio(queries[arm], queries["baseline"], base["queries"][-1])
             rows.append(dict(fraction=fraction, level=level, queries=queries, ratio=ratio))
         results["table"][metric] = rows
+        results["area"][metric] = area_ratio(results, metric)
     for metric in metrics[1:]:
-        per_seed = [np.array(results["curves"][f"{name}/{metric}"]["per_seed"])[:, -1] for name in (arm, "baseline")]
-        results["paired"][f"final {metric}"] = paired((per_seed[0] - per_seed[1]).tolist())
+        results["paired"][f"final {metric}"] = paired(final_difference(results, (arm, metric), ("baseline", metric)))
+    if f"baseline/{explored_metrics(reward)[0]}" in results["curves"]:
+        results["samplers"] = sampler_differences(results)
     return results
 
+
+def final_difference(results, first, second):
+    """Per seed, the final value of one curve minus another's: first, second = (arm, metric)."""
+    a, b = (np.array(results["curves"][f"{name}/{metric}"]["per_seed"])[:, -1] for name, metric in (first, second))
+    return (a - b).tolist()
+
+
+SAMPLER_DIFFERENCES = {  # name: (the difference, in words)
+    "diffexp": "DiffExp's LoRA: exploring sampler - plain",
+    "baseline": "the baseline's LoRA: exploring sampler - plain",
+    "interaction": "DiffExp's LoRA's gain from the exploring sampler - the baseline's",
+    "user": "DiffExp's LoRA with the exploring sampler - the baseline's LoRA plainly",
+}
+
+
+def sampler_differences(results):
+    """The held-out prompts' final values under both samplers, paired per seed, for the reward and the judge: how much
+    each arm's LoRA gains from being sampled with DiffExp's sampler, how much more DiffExp's gains than the
+    baseline's (the LoRA learned the sampler it trained with), and what a user would get sampling DiffExp's LoRA
+    with DiffExp's sampler rather than the baseline's LoRA plainly. {metric: {SAMPLER_DIFFERENCES name: paired}}."""
+    arm, out = results["arms"][0], {}
+    for plain, explored in zip([f"eval_unseen_{results['reward']}", "eval_unseen_shapes_judge"],
+                               explored_metrics(results["reward"])):
+        gains = {name: np.array(final_difference(results, (name, explored), (name, plain)))
+                 for name in (arm, "baseline")}
+        out[plain] = dict(diffexp=paired(gains[arm].tolist()), baseline=paired(gains["baseline"].tolist()),
+                          interaction=paired((gains[arm] - gains["baseline"]).tolist()),
+                          user=paired(final_difference(results, (arm, explored), ("baseline", plain))))
+    return out
+
+
+def exploration_of(argv):
+    """DiffExp's exploration in `python diffexp.py --model shapes ARGV`: {w_low, t_thres, alpha_min, alpha_max}."""
+    args = shapes_args(argv)
+    return {k: getattr(args, k) for k in ("w_low", "t_thres", "alpha_min", "alpha_max")}
 
 
 def shapes_args(argv):
@@ -285,8 +338,9 @@ def diversity(settings, explore_settings):
 
 
 # ---- The premise sweep: DiffExp's open settings measured at the starting model, before any training run.
-# The paper's premise: more diverse online samples without sacrificing their quality. Its text gives no w_low, t_thres
-# or alpha range, so each is measured here, for each method's own sampler, on the same noise as plain sampling.
+# The paper's premise: more diverse online samples without sacrificing their quality. Its values of w_low, t_thres and
+# the alpha range are lost (the text kept no formulas or inline numbers), so each is measured here, for each method's
+# own sampler, on the same noise as plain sampling.
 PREMISE_EQ7 = [(w_low, t_thres) for w_low in (0.0, 1.0, 3.0, 5.0) for t_thres in (900, 800, 600, 400)]  # alpha 1
 PREMISE_EQ8 = (1.1, 1.25, 1.5, 2.0)  # alpha_max, with alpha_min 1 and no step at w_low (t_thres 999)
 PREMISE_COMBINED = 2  # the best settings of Eq. 7 alone and of Eq. 8 alone, combined pairwise
@@ -517,13 +571,16 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
         else:
             logs[arm] = [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) for seed in range(seeds)]
     flags = arms[compared][1]
-    results = summarise(logs, method, reward, settings) | dict(ablation=ablation, diffexp_flags=flags,
-                                                               baseline_from=baseline_from)
+    # Both arms' unseen prompts under DiffExp's sampler, where both sampled it at one setting (an ablation's baseline
+    # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's)
+    exploration = None if peer else {name: exploration_of([*settings, *arms[name][1]]) for name in arms}
+    explored = bool(exploration) and "--eval-explored" in settings and len({str(e) for e in exploration.values()}) == 1
+    results = summarise(logs, method, reward, settings, explored) | dict(ablation=ablation, diffexp_flags=flags,
+                                                                         baseline_from=baseline_from)
     results |= dict(exploration=None, diversity=None)
     images, prompts = None, None
     if not peer:
-        explored = shapes_args([*settings, *flags])
-        results["exploration"] = {k: getattr(explored, k) for k in ("w_low", "t_thres", "alpha_min", "alpha_max")}
+        results["exploration"] = exploration["diffexp"]
         results["diversity"], images, prompts = diversity(settings, flags)
     os.makedirs(out, exist_ok=True)  # its runs may live elsewhere
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -657,6 +714,8 @@ def draw(results, images, prompts, prefix):
     fig.suptitle(f"{method}, {reward} reward, shapes world, {results['seeds']} seeds (mean +- std)")
     fig.tight_layout()
     fig.savefig(f"{prefix}curves.png", dpi=80)
+    if results.get("samplers"):
+        draw_samplers(results, f"{prefix}samplers.png")
     if images is None:  # a peer's comparison: both arms sample plainly
         return plt.close("all")
     rows = [torch.cat([images[False][k, :8], images[True][k, :8]]) for k in range(len(prompts))]  # [16, 3, 32, 32]
@@ -668,6 +727,100 @@ def draw(results, images, prompts, prefix):
     fig.tight_layout()
     fig.savefig(f"{prefix}diversity.png", dpi=80)
     plt.close("all")
+
+
+def draw_samplers(results, path):
+    """The unseen prompts' reward and judge against reward queries, each arm's LoRA sampled plainly (solid) and with
+    DiffExp's sampler (dashed), mean over seeds: whether a LoRA learned the sampler it trained with."""
+    plt = pyplot()
+    reward = results["reward"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    (compared, compared_name), (_, base_name) = labels(results).items()
+    for ax, (plain, explored) in zip(axes, zip([f"eval_unseen_{reward}", "eval_unseen_shapes_judge"],
+                                               explored_metrics(reward))):
+        for arm, colour, label in ((compared, "tab:blue", "DiffExp's LoRA"),
+                                   ("baseline", "tab:gray", f"the baseline's LoRA ({base_name})")):
+            for metric, style, sampler in ((plain, "-", "plain sampler"), (explored, "--", "exploring sampler")):
+                curve = results["curves"][f"{arm}/{metric}"]
+                ax.plot(curve["queries"], curve["mean"], style, color=colour, label=f"{label}, {sampler}")
+        ax.set(title=f"unseen prompts: {plain.removeprefix('eval_unseen_')}", xlabel="reward queries")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {results['seeds']} seeds (mean)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close("all")
+
+
+def steps_at_w_low(results):
+    """How many of the run's denoising steps DiffExp's Eq. 7 samples at w_low (t > t_thres); 0 for the baseline."""
+    args = shapes_args(results["settings"])
+    scheduler = diffexp.DDIMScheduler.from_pretrained(diffexp.SHAPES_MODEL, subfolder="scheduler")
+    scheduler.set_timesteps(args.steps)
+    return int((scheduler.timesteps > results["exploration"]["t_thres"]).sum())
+
+
+def dose_points(files):
+    """The dose (the paper's Fig. 9b) of results files that differ in t_thres alone: per panel ("queries": the
+    queries ratio at 75% of the baseline's gain; "area": the area ratio) and reading ("reward_mean", or the unseen
+    prompts' reward), [(steps at w_low, the ratio's dict from the file)], fewest steps first."""
+    results = [json.load(open(f)) for f in files]
+    if len({str(r["settings"]) for r in results}) > 1 or len({r["exploration"]["w_low"] for r in results}) > 1:
+        raise ValueError("--dose: the results files must share their settings and w_low, and differ in t_thres.")
+    by_steps = sorted((steps_at_w_low(r), k) for k, r in enumerate(results))  # [(steps, index in results)]
+    points = {}
+    for panel in ("queries", "area"):
+        for metric in ("reward_mean", f"eval_unseen_{results[0]['reward']}"):
+            ratios = [r["table"][metric][LEVELS.index(0.75)]["ratio"] if panel == "queries" else r["area"][metric]
+                      for r in results]
+            points[panel, metric] = [(steps, ratios[k]) for steps, k in by_steps]
+    return points
+
+
+def draw_dose(files, directory):
+    """dose_points drawn: both panels, both readings, DiffExp / baseline against the number of steps at w_low (0: the
+    baseline, 1 by definition), 95% intervals on a log scale; a hollow marker is a bound (a seed censored at the
+    budget), and an area <= 0 has no point. Writes DIRECTORY/dose_METHOD-REWARD.png; returns (its path, the points)."""
+    plt = pyplot()
+    first = json.load(open(files[0]))
+    points = dose_points(files)
+    colours = {"reward_mean": ("tab:orange", "training samples"),
+               f"eval_unseen_{first['reward']}": ("tab:blue", "held-out prompts, sampled plainly")}
+    titles = {"queries": "queries to 75% of the baseline's gain", "area": "area under the gain curve"}
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for (panel, metric), drawn in points.items():
+        ax, (colour, label) = axes[list(titles).index(panel)], colours[metric]
+        shift = -0.1 if metric == "reward_mean" else 0.1  # the two readings side by side
+        drawn = [(steps + shift, p) for steps, p in drawn if p["mean"] is not None]
+        ax.plot([0] + [x for x, _ in drawn], [1] + [p["mean"] for _, p in drawn], color=colour, label=label)
+        for x, p in drawn:
+            bound = any(p.get("censored", {}).values())
+            ax.errorbar(x, p["mean"], yerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]], fmt="o", color=colour,
+                        mfc="white" if bound else colour, capsize=3)
+        ax.axhline(1, color="gray", linewidth=1, linestyle=":")
+        ax.set(yscale="log", title=f"{titles[panel]}, DiffExp / baseline",
+               xlabel="denoising steps at w_low (0: the baseline)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{first['method']} + DiffExp on {first['reward']}, w_low {first['exploration']['w_low']:g} for "
+                 f"t > t_thres, {first['seeds']} seeds: 95% intervals, hollow: a bound", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(directory, f"dose_{first['method']}-{first['reward']}.png")
+    fig.savefig(path, dpi=80)
+    plt.close("all")
+    return path, points
+
+
+def dose_markdown(points):
+    """draw_dose's points as a table (figures/README.md shows it): a row per number of steps at w_low."""
+    columns = list(points)
+    names = {"queries": "queries to 75%", "area": "area"}
+    header = [f"{reading_name(metric)}: {names[panel]}" for panel, metric in columns]
+    lines = ["| steps at w_low | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
+    for k, (steps, _) in enumerate(points[columns[0]]):
+        cells = [short_ratio(points[c][k][1]) if points[c][k][1]["mean"] is not None else "an area <= 0"
+                 for c in columns]
+        lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def labels(results):
@@ -682,8 +835,8 @@ def labels(results):
 def interval(p):
     """A paired difference as text: mean [95% interval] (n seeds), or below 3 seeds the per-seed values."""
     if p["low"] is None:
-        return "per seed " + ", ".join(f"{d:+.3g}" for d in p["per_seed"]) + f" ({p['n']} seeds, no interval)"
-    return f"{p['mean']:+.3g} [{p['low']:+.3g}, {p['high']:+.3g}] ({p['n']} seeds)"
+        return "per seed " + ", ".join(f"{d:+.4f}" for d in p["per_seed"]) + f" ({p['n']} seeds, no interval)"
+    return f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] ({p['n']} seeds)"
 
 
 def ratio_text(p, short):
@@ -707,9 +860,9 @@ def ratio_text(p, short):
     return f"{bound}{p['mean']:.2f} [{p['low']:.2f}, {p['high']:.2f}] ({seeds})"
 
 
-def area_text(results, short):
-    """The area ratio as text (ratio_text), or the per-seed areas where one is not positive."""
-    area = results["area"]
+def area_text(results, metric, short):
+    """The area ratio of one reading as text (ratio_text), or the per-seed areas where one is not positive."""
+    area = results["area"][metric]
     if area["mean"] is not None:
         return ratio_text(area, short)
     compared, baseline = (", ".join(f"{a:+.3f}" for a in area["areas"][name]) for name in (results["arms"][0],
@@ -734,26 +887,33 @@ def no_gain(results, metric):
     return f"no gain: the baseline's mean moved by {gain:+.3f} (seeds' std at the end {std:.3f})"
 
 
+def reading_name(metric):
+    """A reading's words in the tables: the training samples' reward, or the unseen prompts' (sampled plainly)."""
+    return "training samples" if metric == "reward_mean" else "evaluation, unseen prompts"
+
+
 def markdown(results):
-    """The tables of a results file (figures/README.md shows them): queries to reach fractions of the baseline's gain
-    with the per-seed ratio, the area under the gain curve, final values, the paired differences with their
-    intervals, and diversity."""
+    """The tables of a results file (figures/README.md shows them), both readings of the reward each time (the training
+    samples, the unseen prompts sampled plainly): queries to reach fractions of the baseline's gain with the per-seed
+    ratio, the area under the gain curve, final values, the paired differences with their intervals, the unseen
+    prompts under both samplers where they were measured, and diversity."""
     reward, lines, arm = results["reward"], [], results["arms"][0]
     short = "DiffExp" if arm == "diffexp" else PEERS[arm]
-    evaluation = f"eval_unseen_{reward}"
+    readings = ("reward_mean", f"eval_unseen_{reward}")
     lines += [f"| reward queries to reach a fraction of the baseline's gain: {short} vs baseline (a seed that never "
               "does counted at the budget), per-seed ratio, geometric mean [95% interval] | 50% | 75% | 90% |",
               "|---|---|---|---|"]
-    for metric, name in (("reward_mean", "training samples"), (evaluation, "evaluation, unseen prompts")):
+    for metric in readings:
         budget = results["curves"][f"baseline/{metric}"]["queries"][-1]
         cells = [f"{queries_text(r['queries'][arm], budget)} vs {queries_text(r['queries']['baseline'], budget)}, "
                  f"ratio {ratio_text(r['ratio'], short)}" for r in results["table"][metric]]
         if no_gain(results, metric):
             cells = [no_gain(results, metric), "", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    area = no_gain(results, evaluation) or area_text(results, short)
-    lines += ["", f"| area under the gain curve of the unseen prompts' {reward}, {short} / baseline, per seed "
-              "| geometric mean [95% interval] |", "|---|---|", f"| {evaluation} | {area} |"]
+        lines.append(f"| {reading_name(metric)} | " + " | ".join(cells) + " |")
+    lines += ["", f"| area under the gain curve of {reward} over the baseline's start, {short} / baseline, per seed "
+              "| geometric mean [95% interval] |", "|---|---|"]
+    for metric in readings:
+        lines.append(f"| {reading_name(metric)} | {no_gain(results, metric) or area_text(results, metric, short)} |")
     lines += ["", f"| final value (mean +- std over seeds) | {short} | baseline |", "|---|---|---|"]
     for key in results["final"]:
         name, metric = key.split("/")
@@ -764,6 +924,12 @@ def markdown(results):
                          f"{b['mean']:.3f} +- {b['std']:.3f} |")
     lines += ["", f"| paired difference, {short} - baseline (same seed) | mean [95% t interval] |", "|---|---|"]
     lines += [f"| {name} | {interval(p)} |" for name, p in results["paired"].items()]
+    if results["samplers"]:
+        judge = "eval_unseen_shapes_judge"
+        lines += ["", "| the unseen prompts at the end, by sampler: paired difference (same seed) "
+                  f"| {reward} | judge |", "|---|---|---|"]
+        lines += [f"| {words} | {interval(results['samplers'][f'eval_unseen_{reward}'][name])} | "
+                  f"{interval(results['samplers'][judge][name])} |" for name, words in SAMPLER_DIFFERENCES.items()]
     if results["diversity"]:
         lines += ["", "| sampler (starting model) | distinct judge readings per prompt | mean pairwise distance |",
                   "|---|---|---|"]
@@ -778,37 +944,58 @@ def exploration_text(exploration):
         eq7 = "no step at w_low"
     else:
         eq7 = f"w_low {exploration['w_low']:g} for t > {exploration['t_thres']}"
-    if exploration["alpha_max"] == 1:
-        return f"{eq7}, alpha 1"
+    if exploration["alpha_min"] == exploration["alpha_max"]:
+        return f"{eq7}, alpha {exploration['alpha_max']:g}"
     return f"{eq7}, alpha U({exploration['alpha_min']:g}, {exploration['alpha_max']:g})"
 
 
-HEADLINE = ("| replication | seeds | DiffExp's exploration | queries to 75% of the baseline's gain, DiffExp / baseline "
-            "[95% interval] | area under the gain curve, DiffExp / baseline [95% interval] | final reward, paired "
-            "difference | final judge, paired difference | judge, start -> end (both arms) |\n"
-            "|---|---|---|---|---|---|---|---|")
-HEADLINE_PEER = ("| comparison | seeds | queries to 75% of ours' gain, peer / ours [95% interval] | area under the "
-                 "gain curve, peer / ours [95% interval] | final reward, peer - ours | final judge, peer - ours "
-                 "| judge, start -> end (peer / ours) |\n|---|---|---|---|---|---|---|")
+HEADLINE = ("| replication | seeds | DiffExp's exploration | training samples: queries to 75% | training samples: "
+            "area | held-out prompts: queries to 75% | held-out prompts: area | final held-out reward | final judge |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+HEADLINE_PEER = ("| comparison | seeds | training samples: queries to 75% | training samples: area | held-out prompts: "
+                 "queries to 75% | held-out prompts: area | final held-out reward | final judge |\n"
+                 "|---|---|---|---|---|---|---|---|")
+
+
+def short_ratio(p):
+    """A ratio in a table cell: its geometric mean [95% interval], a bound (>=, <=) where seeds were censored, then
+    "cD/B": D of the compared arm's seeds and B of the baseline's never reached the level (counted at the budget)."""
+    if p["low"] is None:
+        return "per seed " + ", ".join(f"{r:.2f}" for r in p["per_seed"])
+    censored = p.get("censored", dict(compared=0, baseline=0))
+    bound = {(True, False): ">= ", (False, True): "<= "}.get((censored["compared"] > 0, censored["baseline"] > 0), "")
+    mark = f" c{censored['compared']}/{censored['baseline']}" if censored["compared"] or censored["baseline"] else ""
+    if len(set(p["per_seed"])) == 1:
+        return f"{bound}{p['mean']:.2f} every seed{mark}"
+    return f"{bound}{p['mean']:.2f} [{p['low']:.2f}, {p['high']:.2f}]{mark}"
+
+
+def short_difference(p):
+    """A paired difference in a table cell: mean [95% interval], or below 3 seeds the per-seed values."""
+    if p["low"] is None:
+        return "per seed " + ", ".join(f"{d:+.3f}" for d in p["per_seed"])
+    return f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]"
 
 
 def headline(name, results):
     """One row of the README's headline table (HEADLINE's columns; HEADLINE_PEER's for a peer) for the results file
-    figures/headline_NAME.json."""
+    figures/headline_NAME.json: both readings' queries ratio at 75% of the baseline's gain and area ratio, then the
+    final paired differences of the held-out reward and the judge."""
     arm, evaluation = results["arms"][0], f"eval_unseen_{results['reward']}"
-    short = "DiffExp" if arm == "diffexp" else PEERS[arm]
-    at_75 = next(row for row in results["table"][evaluation] if row["fraction"] == 0.75)
-    mean = results["curves"][f"baseline/{evaluation}"]["mean"]
-    ratio = area = f"no gain (the baseline {mean[-1] - mean[0]:+.3f})"
-    if not no_gain(results, evaluation):
-        ratio, area = ratio_text(at_75["ratio"], short), area_text(results, short)
-    judge = "eval_unseen_shapes_judge"
-    start = results["curves"][f"baseline/{judge}"]["mean"][0]
-    ends = " / ".join(f"{results['final'][f'{a}/{judge}']['mean']:.3f}" for a in results["arms"])
-    exploration = "" if arm in PEERS else f" {exploration_text(results['exploration'])} |"
-    return (f"| [{name}](figures/README.md#{name}) | {results['seeds']} |{exploration} {ratio} | {area} | "
-            f"{interval(results['paired'][f'final {evaluation}'])} | {interval(results['paired'][f'final {judge}'])} "
-            f"| {start:.3f} -> {ends} |")
+    cells = []
+    for metric in ("reward_mean", evaluation):
+        at_75 = results["table"][metric][LEVELS.index(0.75)]
+        mean = results["curves"][f"baseline/{metric}"]["mean"]
+        if no_gain(results, metric):
+            cells += [f"no gain ({mean[-1] - mean[0]:+.3f})", "no gain"]
+        else:
+            area = results["area"][metric]
+            cells += [short_ratio(at_75["ratio"]), short_ratio(area) if area["mean"] is not None else "an area <= 0"]
+    for metric in (evaluation, "eval_unseen_shapes_judge"):
+        cells.append(short_difference(results["paired"][f"final {metric}"]))
+    exploration = [] if arm in PEERS else [exploration_text(results["exploration"])]
+    link = f"[{name}](figures/README.md#{name})"
+    return "| " + " | ".join([link, str(results["seeds"]), *exploration, *cells]) + " |"
 
 
 def plot_runs(run_dirs, out_path):
@@ -865,6 +1052,11 @@ def main(argv=None):
                         "plain sampling at the starting model, for both methods' samplers (no training)")
     parser.add_argument("--premise-of", choices=runs.METHODS, help="(what --premise runs) one sampler's "
                         "sweep, written to --out/premise.json")
+    parser.add_argument("--dose", nargs="*", metavar="RESULTS.json", help="the t_thres dose (the paper's Fig. 9b): "
+                        "run the replication at the premise rule's exploration and with t_thres " +
+                        ", ".join(map(str, DOSE)) + " (ablations rule-tN, one baseline arm) and draw both readings' "
+                        "ratios against the steps at w_low, runs/dose_METHOD-REWARD.png; given results files, draw "
+                        "them beside the first")
     parser.add_argument("--baseline-from", metavar="RESULTS.json", help="take the baseline arm's curves from this "
                         "published results file of the same settings instead of running it again")
     parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD-REWARD[-ABLATION][-PEER]"
@@ -911,20 +1103,39 @@ def main(argv=None):
         _, images, prompts = diversity(results["settings"], results["diffexp_flags"]) if not peer else (None,) * 3
         draw(results, images, prompts, args.redraw.removesuffix(".json") + "_")
         return print(markdown(results))
+    if args.dose:
+        try:
+            path, points = draw_dose(args.dose, os.path.dirname(args.dose[0]))
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+        print(dose_markdown(points))
+        return print(f"wrote {path}")
     if not args.method:
         parser.error("give --method ddpo or alignprop (or --redraw a results file).")
-    suffix = "".join(f"-{x.lstrip('-')}" for x in (args.reward, args.ablation, args.peer, *extra) if x)
-    out = args.out or os.path.join("runs", f"replicate-{args.method}{suffix}")
-    # Without --out, a replication and its ablations keep their runs in one place: they share the baseline arm's.
-    shared = "".join(f"-{x.lstrip('-')}" for x in (args.reward, *extra))
-    runs_dir = None if args.out or args.peer else os.path.join("runs", f"replicate-{args.method}{shared}", "runs")
-    try:
-        results = replicate(args.method, args.seeds, out, args.reward, args.ablation, args.parallel, extra, args.peer,
-                            runs_dir, args.baseline_from)
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    print(markdown(results))
-    print(f"figures and results.json in {out}")
+    ablations = [args.ablation]
+    if args.dose is not None:
+        if args.ablation or args.peer or args.out:
+            parser.error("--dose runs its own ablations into the default directories: no --ablation, --peer or --out.")
+        ablations = [None, *(f"rule-t{t_thres}" for t_thres in DOSE)]
+    files = []
+    for ablation in ablations:
+        suffix = "".join(f"-{x.lstrip('-')}" for x in (args.reward, ablation, args.peer, *extra) if x)
+        out = args.out or os.path.join("runs", f"replicate-{args.method}{suffix}")
+        # Without --out, a replication and its ablations keep their runs in one place: they share the baseline arm's.
+        shared = "".join(f"-{x.lstrip('-')}" for x in (args.reward, *extra))
+        runs_dir = None if args.out or args.peer else os.path.join("runs", f"replicate-{args.method}{shared}", "runs")
+        try:
+            results = replicate(args.method, args.seeds, out, args.reward, ablation, args.parallel, extra, args.peer,
+                                runs_dir, args.baseline_from)
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+        print(markdown(results))
+        print(f"figures and results.json in {out}")
+        files.append(os.path.join(out, "results.json"))
+    if args.dose is not None:
+        path, points = draw_dose(files, "runs")
+        print(dose_markdown(points))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -50,6 +51,8 @@ class Args:
     t_thres: int = arg(900, "Eq. 7: the timestep where the scale switches from w_low to w_high (ours)")
     alpha_min: float = arg(1.0, "Eq. 8: lower bound of the prompt weight alpha (ours)")
     alpha_max: float = arg(2.0, "Eq. 8: upper bound of the prompt weight alpha (ours)")
+    explore_epochs: int = arg(None, "DiffExp samples epochs 1 ... N, then plainly (unset: the paper's first 3/4 of "
+                              "--epochs, rounded up); fixed when the run starts, kept by --resume")
     no_explore: bool = arg(False, "plain sampling throughout: the DDPO or AlignProp baseline without DiffExp")
     epochs: int = arg(200, "training epochs; each samples --batch-size images (ours)")
     batch_size: int = arg(64, "images sampled per epoch, over all processes (paper)")
@@ -74,6 +77,8 @@ class Args:
     dtype: str = arg(None, "frozen-weight dtype: fp32, fp16 or bf16 (unset: bf16 on cuda, fp32 on cpu)")
     eval_every: int = arg(10, "evaluate (plain sampling, fixed noise) every N epochs, first and last; 0: never")
     eval_reward: str = arg(None, "an extra reward scored at evaluation only, e.g. imagereward")
+    eval_explored: bool = arg(False, "evaluation also samples the unseen prompts with DiffExp's sampler (this run's "
+                              "Eq. 7 and 8, with --no-explore too), from the same noise")
     save_every: int = arg(10, "checkpoint every N epochs and at the end; 0: at the end only")
     wandb: bool = arg(False, "also log to Weights & Biases (pip install wandb)")
     generate: str = arg(None, "images of --eval-prompts with and without this run's LoRA, then exit")
@@ -107,8 +112,13 @@ DEFAULTS = {
     ("tiny-sdxl", "alignprop"): TINY_RUN,
 }
 # The settings that --resume may change; the others define the run.
-RESUMABLE = {"epochs", "resume", "out", "overwrite", "eval_every", "eval_reward", "save_every", "wandb", "device",
-             "generate"}
+RESUMABLE = {"epochs", "resume", "out", "overwrite", "eval_every", "eval_reward", "eval_explored", "save_every",
+             "wandb", "device", "generate"}
+
+
+def exploring_epochs(epochs):
+    """The paper's horizon: DiffExp explores for the first 3/4 of the training epochs, ceil(3/4 x epochs) of them."""
+    return math.ceil(0.75 * epochs)
 
 
 def default_of(name, method, model):
@@ -174,6 +184,7 @@ def parse_args(argv=None):
     parser.error = refuse
     namespace = parser.parse_args(argv)
     run_dir = namespace.resume or namespace.generate
+    saved = {}
     if run_dir:
         saved = saved_settings(run_dir)
         parser.set_defaults(**saved)
@@ -189,6 +200,8 @@ def parse_args(argv=None):
         if value is None:
             value = default_of(name, method, model)
         settings[name] = value
+    if settings["explore_epochs"] is None:  # fixed at the start: a run directory older than the setting has its own
+        settings["explore_epochs"] = exploring_epochs(saved.get("epochs", settings["epochs"]))
     args = Args(**settings)
     world = int(os.environ.get("WORLD_SIZE", 1))
     for message in setting_errors(args, world):
@@ -226,7 +239,8 @@ def setting_errors(args, world):
     for name in ("lr", "max_grad_norm", "clip_range", "adv_clip_max", "loss_coeff"):
         if not getattr(args, name) > 0:
             yield f"--{name.replace('_', '-')} {getattr(args, name)} must be positive."
-    for name in ("seed", "weight_decay", "eta", "w_high", "w_low", "alpha_min", "eval_every", "save_every"):
+    for name in ("seed", "weight_decay", "eta", "w_high", "w_low", "alpha_min", "explore_epochs", "eval_every",
+                 "save_every"):
         if getattr(args, name) < 0:
             yield f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 0."
     try:
@@ -280,8 +294,9 @@ def run_name(args):
     """The default run directory's name: METHOD-REWARD-MODEL-ARM[-SETTINGS]-sSEED, SETTINGS being every setting that
     differs from its default (a long list becomes a short hash of it), but for the run's tooling."""
     named = RESUMABLE | {"method", "reward", "model", "no_explore", "seed"}
-    changed = [f"{name}={value}" for name, value in vars(args).items()
-               if name not in named and value != default_of(name, args.method, args.model)]
+    defaults = {name: default_of(name, args.method, args.model) for name in FIELDS} | dict(
+        explore_epochs=exploring_epochs(args.epochs))
+    changed = [f"{name}={value}" for name, value in vars(args).items() if name not in named and value != defaults[name]]
     settings = "-".join(changed)
     if len(settings) > 80:
         settings = "custom" + hashlib.sha1(settings.encode()).hexdigest()[:8]
