@@ -131,17 +131,18 @@ def cfg_noise_pred(unet, x_t, t, cond, uncond, w):
 
 
 def check_scheduler(scheduler):
-    """Refuse, in one line, a scheduler that ddim_step_with_logprob does not compute: not DDIM, or one that predicts
-    anything but epsilon, or clips or thresholds x_0 (SD does neither)."""
+    """Refuse, in one line, a scheduler that ddim_step_with_logprob does not compute: not DDIM,
+    or one that predicts anything but epsilon, or clips or thresholds x_0 (SD does neither)."""
     if not isinstance(scheduler, DDIMScheduler):
         raise TypeError(f"this is a DDIM step, and the scheduler is {type(scheduler).__name__}; "
                         "convert it first: "
                         "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
     config = scheduler.config
     if config.prediction_type != "epsilon" or config.clip_sample or config.thresholding:
-        raise ValueError(f"this DDIM step needs a scheduler that predicts epsilon and neither clips nor "
-                         f"thresholds x_0; this one predicts {config.prediction_type!r}, clip_sample="
-                         f"{config.clip_sample}, thresholding={config.thresholding}.")
+        raise ValueError("this DDIM step needs a scheduler that predicts epsilon and neither "
+                         "clips nor thresholds x_0; this one predicts "
+                         f"{config.prediction_type!r}, clip_sample={config.clip_sample}, "
+                         f"thresholding={config.thresholding}.")
 
 
 def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta, prev_latents=None,

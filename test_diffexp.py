@@ -1880,9 +1880,9 @@ def test_runs_on_a_shapes_reward_are_also_read_by_the_judge(tmp_path, capsys):
 
 
 # figures/headline_NAME.json: the replications on bold, the peer, then the harder task and the hacked reward
-PUBLISHED = ["alignprop-bold", "alignprop-bold-sd15", "ddpo-bold", "ddpo-bold-sd15", "alignprop-bold-eq7", "alignprop-bold-eq8",
-             "alignprop-bold-t600", "ddpo-bold-trl", "alignprop-fidelity", "ddpo-fidelity", "alignprop-fidelity-eq7",
-             "alignprop-fidelity-eq8", "alignprop-colour"]
+PUBLISHED = ["alignprop-bold", "alignprop-bold-sd15", "ddpo-bold", "ddpo-bold-sd15", "alignprop-bold-eq7",
+             "alignprop-bold-eq8", "alignprop-bold-t600", "ddpo-bold-trl", "alignprop-fidelity", "ddpo-fidelity",
+             "alignprop-fidelity-eq7", "alignprop-fidelity-eq8", "alignprop-colour"]
 
 
 def differences(computed, committed, where="", rel=1e-9):
@@ -1916,9 +1916,9 @@ def report_errors(published, readme, full):
 
 def test_the_readmes_report_the_committed_results():
     """The READMEs report every committed results file (report_errors), and go on doing so where the files' floats
-    differ in their last bit (another CPU's, simulated: every float but an exact zero one ulp up), but not where a printed digit
-    changes: a curve's value (its statistics no longer derive from it) or a statistic (its table row is not the
-    README's)."""
+    differ in their last bit (another CPU's, simulated: every float but an exact zero one ulp up), but not where a
+    printed digit changes: a curve's value (its statistics no longer derive from it), a statistic (its table row is
+    not the README's) or a digit of the README."""
     readme, full = (open(os.path.join(HERE, *path), encoding="utf-8").read()
                     for path in (["README.md"], ["figures", "README.md"]))
     published = {name: json.load(open(os.path.join(HERE, "figures", f"headline_{name}.json"))) for name in PUBLISHED}
