@@ -21,16 +21,16 @@ Settings and the command line live in runs.py, which needs the standard library 
 refused before torch loads.
 
 The paper explores for the first 3/4 of the training epochs: a run counts them when it starts
-(runs.exploring_epochs, --explore-epochs) and train() samples plainly after them, a resumed run too.
+(runs.exploring_epochs, --explore-epochs) and train() samples plainly after them, resumed or not.
 
-Ours where the paper is silent, or where its text lost the numbers (its formulas and inline values did
-not survive; the README lists them all): for SD 1.5, w_low 1.0, t_thres 900 and alpha ~ U(1, 2); for
-the offline shapes model, each method's exploration is set by a sweep at its starting model and a rule
-written before any training run; DDPO's eta 1.0; AlignProp's loss coefficient 0.01 (its configs).
-Unlike the baselines' code, AlignProp draws K ~ U{1..steps} once per sampled micro-batch, not per step,
-and checkpoints every UNet call under gradient; processes average the LoRA's gradients with one
-all_reduce, not DDP; each epoch's generator is seeded from (seed, epoch, rank), so that a resumed run
-draws what the unbroken one did.
+Ours where the paper is silent, or where its text lost the numbers (its formulas and inline values
+did not survive; the README lists them all): for SD 1.5, w_low 1.0, t_thres 900 and alpha ~ U(1, 2);
+for the offline shapes model, each method's exploration is set by a sweep at its starting model and
+a rule written before any training run; DDPO's eta 1.0; AlignProp's loss coefficient 0.01 (its
+configs). Unlike the baselines' code, AlignProp draws K ~ U{1..steps} once per sampled micro-batch,
+not per step, and checkpoints every UNet call under gradient; processes average the LoRA's gradients
+with one all_reduce, not DDP; each epoch's generator is seeded from (seed, epoch, rank), so that a
+resumed run draws what the unbroken one did.
 """
 
 import math
@@ -605,7 +605,10 @@ def load_pipeline(model, lora_rank, device, dtype):
         pipe = from_cache_or_hub(SHAPES_MODEL if model == "shapes" else model, dtype)
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ValueError(f"--model {model!r} is a {type(pipe).__name__}; this code fine-tunes SD 1.x and SDXL.")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # DDPO's policy is the DDIM step
+    # DDPO's policy is the DDIM step. A scheduler whose config has no clip_sample (PNDM, Euler) never clips x_0:
+    # DDIM's own default (True) must not come in with the conversion.
+    config = pipe.scheduler.config
+    pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=config.get("clip_sample", False))
     try:
         check_scheduler(pipe.scheduler)  # epsilon, no clipping: what the step computes
     except ValueError as e:
@@ -810,9 +813,9 @@ def run(args, checkpoint, world, rank):
     if is_main():
         resumed = f", resumed after epoch {state['epoch']}" if args.resume else ""
         print(f"run directory {args.generate or args.out}{resumed}")
-        if args.resume and not args.no_explore:
-            print(f"DiffExp explores in epochs 1 to {args.explore_epochs}, as when the run started "
-                  f"(--epochs {args.epochs} does not move it)")
+        if args.resume and not args.no_explore and args.explore_epochs != runs.exploring_epochs(args.epochs):
+            print(f"DiffExp explores for the first {args.explore_epochs} epochs, as counted when the run started "
+                  f"(3/4 of --epochs {args.epochs} would be {runs.exploring_epochs(args.epochs)})")
         print(f"device {device}, frozen weights {dtype_name}, LoRA weights and losses fp32, {world} process(es); "
               f"reward {args.reward}{' (tiny random networks)' if tiny else ''}")
     # The shapes world's judge scores every evaluation of its rewards: a reward that rises while the judge falls is

@@ -54,8 +54,8 @@ def exploration_flags(**changes):
 GRAMMAR = ["--prompts", "shapes", "--eval-prompts", "unseen_shapes", "--epochs", "16", "--eval-every", "2",
            *exploration_flags()]
 SETTINGS = {
-    ("alignprop", "bold"): ["--epochs", "12", "--batch-size", "32", "--eval-every", "1", "--eval-explored"],
-    ("ddpo", "bold"): ["--eval-explored"],  # the shapes model's DDPO defaults: its quick start's runs
+    ("alignprop", "bold"): ["--epochs", "12", "--batch-size", "32", "--eval-every", "1"],
+    ("ddpo", "bold"): [],  # the shapes model's DDPO defaults: its quick start's runs
     "alignprop": [*GRAMMAR, "--batch-size", "32", "--steps", "20", "--train-batch-size", "16"],
     "ddpo": [*GRAMMAR, "--batch-size", "64", "--samples-per-prompt", "16", "--steps", "10", "--train-batch-size", "32",
              "--lr", "0.0003"],
@@ -65,10 +65,13 @@ PEERS = {"trl": "TRL's DDPOTrainer"}  # replicate.py --peer trl: a peer implemen
 # (alpha = 1), Eq. 8 only (no t > 999), Eq. 7 on more steps (t > 800: 4 of 20, t > 600: 8 of 20; t > 900 touches 2)
 ABLATIONS = {"sd15": exploration_flags(), "eq7": exploration_flags(alpha_max=1), "eq8": exploration_flags(t_thres=999),
              "t800": exploration_flags(t_thres=800), "t600": exploration_flags(t_thres=600)}
-# The paper's Fig. 9(b), the dose: the premise rule's exploration (the shapes model's default) with fewer unguided
-# steps, t_thres 900, 800 and 700 (the rule's 600 runs without --ablation)
+# The paper's Fig. 9(b), the dose: the premise rule's exploration (the shapes model's default, which the bold
+# replications use) with fewer steps at w_low, t_thres 900, 800 and 700 (the rule's 600 runs without --ablation)
 DOSE = (900, 800, 700)
 ABLATIONS |= {f"rule-t{t_thres}": ["--t-thres", str(t_thres)] for t_thres in DOSE}
+# Added to both arms' runs of a DiffExp replication, not to its settings: an evaluation that changes no other number
+# (the unseen prompts also under DiffExp's sampler), so that a published baseline of the same settings stays one
+EVALUATION = ["--eval-explored"]
 LEVELS = (0.5, 0.75, 0.9)  # fractions of the baseline's final gain
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}  # Student's t, 97.5% quantile by degrees of freedom
@@ -538,11 +541,15 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
     replications given one `runs_dir` share the runs whose arguments are equal (run_in_parallel), such as a baseline
     arm. With `baseline_from`, a published results file of the same settings, the baseline arm is its curves, not
     new runs. With a `peer`, its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there
-    is no diversity to show."""
+    is no diversity to show. Without one, both arms' runs also read the unseen prompts under DiffExp's sampler
+    (EVALUATION), kept in results.json where both arms sampled it at one setting."""
     if not 2 <= seeds <= len(T_975) + 1 or parallel < 1:
         raise ValueError(f"replicate needs 2 to {len(T_975) + 1} seeds (for the intervals) and 1 run at a time.")
     if peer and (method != "ddpo" or ablation):
         raise ValueError(f"--peer {peer} compares DDPO without exploration: give --method ddpo and no --ablation.")
+    if (ablation or "").startswith("rule-") and (method, reward) not in SETTINGS:
+        raise ValueError(f"--ablation {ablation} varies the shapes model's default exploration, which only the bold "
+                         "replications use: give --reward bold.")
     settings = ["--method", method, "--reward", reward, *SETTINGS.get((method, reward), SETTINGS[method]), *extra]
     compared = peer or "diffexp"  # the compared arm's name in results.json
     # {arm: (script, its flags, its runs' name)}
@@ -551,6 +558,7 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
     if peer:
         cpu = ["--no-explore", "--device", "cpu"]  # TRL runs here on the CPU, in fp32: so does our arm beside it
         arms = {peer: ("replicate.py", ["--run-peer", peer, *cpu], peer), "baseline": ("diffexp.py", cpu, "baseline")}
+    evaluation = [] if peer else EVALUATION  # a peer's arm evaluates as a baseline does
     published = None
     if baseline_from:
         with open(baseline_from) as f:
@@ -559,7 +567,7 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
             raise ValueError(f"--baseline-from {baseline_from}: its baseline ran with {published['settings']} on "
                              f"{published['seeds']} seeds; this replication needs {settings} on {seeds}.")
     runs_dir = runs_dir or os.path.join(out, "runs")
-    commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *flags],
+    commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *evaluation, *flags],
                                     os.path.join(runs_dir, f"{name}-s{seed}"))
                 for seed in range(seeds) for arm, (script, flags, name) in arms.items()
                 if not (published and arm == "baseline")}
@@ -572,10 +580,13 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
             logs[arm] = [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) for seed in range(seeds)]
     flags = arms[compared][1]
     # Both arms' unseen prompts under DiffExp's sampler, where both sampled it at one setting (an ablation's baseline
-    # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's)
+    # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's) and where a
+    # published baseline has them
     exploration = None if peer else {name: exploration_of([*settings, *arms[name][1]]) for name in arms}
-    explored = bool(exploration) and "--eval-explored" in settings and len({str(e) for e in exploration.values()}) == 1
+    explored = (bool(exploration) and len({str(e) for e in exploration.values()}) == 1
+                and all(explored_metrics(reward)[0] in rows[-1] for rows in logs["baseline"]))
     results = summarise(logs, method, reward, settings, explored) | dict(ablation=ablation, diffexp_flags=flags,
+                                                                         evaluation=evaluation,
                                                                          baseline_from=baseline_from)
     results |= dict(exploration=None, diversity=None)
     images, prompts = None, None
@@ -764,9 +775,19 @@ def dose_points(files):
     """The dose (the paper's Fig. 9b) of results files that differ in t_thres alone: per panel ("queries": the
     queries ratio at 75% of the baseline's gain; "area": the area ratio) and reading ("reward_mean", or the unseen
     prompts' reward), [(steps at w_low, the ratio's dict from the file)], fewest steps first."""
-    results = [json.load(open(f)) for f in files]
-    if len({str(r["settings"]) for r in results}) > 1 or len({r["exploration"]["w_low"] for r in results}) > 1:
-        raise ValueError("--dose: the results files must share their settings and w_low, and differ in t_thres.")
+    results = []
+    for f in files:
+        try:
+            with open(f) as file:
+                results.append(json.load(file))
+        except (OSError, ValueError):
+            raise ValueError(f"--dose: cannot read {f} as a results file.") from None
+    others = [{k: v for k, v in r["exploration"].items() if k != "t_thres"} for r in results]  # all but t_thres
+    thresholds = [r["exploration"]["t_thres"] for r in results]
+    if (len({str(r["settings"]) for r in results}) > 1 or len({str(o) for o in others}) > 1
+            or len(set(thresholds)) < len(results)):
+        raise ValueError("--dose: the results files must share their settings and exploration but for t_thres, "
+                         "and differ in t_thres.")
     by_steps = sorted((steps_at_w_low(r), k) for k, r in enumerate(results))  # [(steps, index in results)]
     points = {}
     for panel in ("queries", "area"):
@@ -795,8 +816,8 @@ def draw_dose(files, directory):
         ax.plot([0] + [x for x, _ in drawn], [1] + [p["mean"] for _, p in drawn], color=colour, label=label)
         for x, p in drawn:
             bound = any(p.get("censored", {}).values())
-            ax.errorbar(x, p["mean"], yerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]], fmt="o", color=colour,
-                        mfc="white" if bound else colour, capsize=3)
+            error = None if p["low"] is None else [[p["mean"] - p["low"]], [p["high"] - p["mean"]]]  # < 3 seeds: none
+            ax.errorbar(x, p["mean"], yerr=error, fmt="o", color=colour, mfc="white" if bound else colour, capsize=3)
         ax.axhline(1, color="gray", linewidth=1, linestyle=":")
         ax.set(yscale="log", title=f"{titles[panel]}, DiffExp / baseline",
                xlabel="denoising steps at w_low (0: the baseline)")
@@ -1133,7 +1154,10 @@ def main(argv=None):
         print(f"figures and results.json in {out}")
         files.append(os.path.join(out, "results.json"))
     if args.dose is not None:
-        path, points = draw_dose(files, "runs")
+        try:
+            path, points = draw_dose(files, "runs")
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
         print(dose_markdown(points))
         print(f"wrote {path}")
 

@@ -367,6 +367,18 @@ def test_tiny_pipeline_saves_and_loads_back(tmp_path):
     assert lora and all("lora" in n for n in lora)
     assert {n.split(".lora")[0].rsplit(".", 1)[-1] for n in lora} == {"to_q", "to_k", "to_v", "0"}
     assert shapes.tiny_pipeline(seed=0).tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+    # A model that predicts v (SD 2.x at 768 px) is refused in one line naming it; a saved scheduler whose config
+    # has no clip_sample (PNDM, as SD checkpoints without the key ship it) never clipped, and its DDIM does not either.
+    config_file = tmp_path / "tiny" / "scheduler" / "scheduler_config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(saved | dict(prediction_type="v_prediction")))
+    with pytest.raises(ValueError, match=rf"^--model '{tmp_path}/tiny': this DDIM step needs a scheduler that "
+                                         r"predicts epsilon and neither clips .* predicts 'v_prediction'"):
+        diffexp.load_pipeline(str(tmp_path / "tiny"), lora_rank=4, device="cpu", dtype=torch.float32)
+    pndm = {k: v for k, v in saved.items() if k not in ("clip_sample", "clip_sample_range")}
+    config_file.write_text(json.dumps(pndm | dict(_class_name="PNDMScheduler", skip_prk_steps=True)))
+    converted = diffexp.load_pipeline(str(tmp_path / "tiny"), lora_rank=4, device="cpu", dtype=torch.float32)
+    assert type(converted.scheduler).__name__ == "DDIMScheduler" and not converted.scheduler.config.clip_sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1001,8 +1013,8 @@ def test_a_resumed_run_keeps_the_exploration_horizon_it_started_with(tmp_path, c
     assert json.load(open(os.path.join(run, "config.json")))["explore_epochs"] == 2
     diffexp.main(["--resume", run, "--epochs", "4"])  # 3/4 of 4 would be 3
     assert [r["explore"] for r in read_log(run)] == [True, True, False, False]
-    assert "DiffExp explores in epochs 1 to 2, as when the run started (--epochs 4 does not move it)" in (
-        capsys.readouterr().out)
+    said = "DiffExp explores for the first 2 epochs, as counted when the run started (3/4 of --epochs 4 would be 3)"
+    assert said in capsys.readouterr().out
     config = json.load(open(os.path.join(old, "config.json")))
     del config["explore_epochs"]  # as an older version of this code wrote it
     json.dump(config, open(os.path.join(old, "config.json"), "w"))
@@ -1012,6 +1024,22 @@ def test_a_resumed_run_keeps_the_exploration_horizon_it_started_with(tmp_path, c
     with pytest.raises(SystemExit):  # the horizon is part of what the run is
         diffexp.main(["--resume", run, "--epochs", "5", "--explore-epochs", "4"])
     assert "setting explore_epochs was 2 there and is 4 now" in capsys.readouterr().err
+
+
+def test_the_explored_evaluation_changes_no_other_number(tmp_path):
+    """--eval-explored adds the unseen prompts under DiffExp's sampler to each evaluation, from the same noise, and
+    leaves every other logged number and the trained LoRA as they are without it (its draws are its own)."""
+    common = ["--method", "ddpo", "--reward", "jpeg", *TINY_RUN, "--epochs", "2", "--eval-every", "1",
+              "--t-thres", "500"]
+    plain, explored = str(tmp_path / "plain"), str(tmp_path / "explored")
+    diffexp.main([*common, "--out", plain])
+    diffexp.main([*common, "--eval-explored", "--out", explored])
+    rows = read_log(explored)
+    assert [{k: v for k, v in r.items() if "explored" not in k} for r in rows] == read_log(plain)
+    assert all(r["eval_unseen_explored_jpeg"] != r["eval_unseen_jpeg"] for r in rows)  # another sampler's images
+    a, b = lora_weights(plain), lora_weights(explored)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert os.path.exists(os.path.join(explored, "eval_unseen_explored_0002.png"))
 
 
 def test_nan_reward_skips_the_update(pipe):
@@ -1189,8 +1217,10 @@ def test_tiny_runs_print_no_warnings(tmp_path):
         argv = ["--method", "ddpo", "--reward", "jpeg", *TINY_RUN[2:], "--model", model, "--epochs", "1", "--out",
                 str(tmp_path / model)]
         script.append(f"diffexp.main({argv!r})")
-    proc = subprocess.run([sys.executable, "-c", "; ".join(script)], cwd=HERE, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # -W: the deprecation warnings that Python shows for a script's own code (diffexp.py run as __main__)
+    command = [sys.executable, "-W", "default::DeprecationWarning:diffexp", "-c", "; ".join(script)]
+    proc = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert all(os.path.exists(tmp_path / model / "checkpoint") for model in ("tiny", "tiny-sdxl"))
     text = (proc.stdout + proc.stderr).replace(str(tmp_path), "").lower()
@@ -1376,16 +1406,16 @@ def test_ddpo_inner_epochs_and_timestep_fraction(tmp_path, monkeypatch):
 
 
 def test_alignprop_draws_one_truncation_per_batch(tmp_path, monkeypatch):
-    common = ["--method", "alignprop", "--reward", "aesthetic", "--batch-size", "8", "--micro-batch-size", "1",
-              "--train-batch-size", "8", "--epochs", "1", "--steps", "4"]
+    common = ["--method", "alignprop", "--reward", "aesthetic", "--batch-size", "16", "--micro-batch-size", "1",
+              "--train-batch-size", "16", "--epochs", "1", "--steps", "4"]
     K = lambda calls: [v for *_, kind, v in calls if kind == "K"]
     default = K(spy_run(tmp_path / "a", monkeypatch, *common)[0])
-    assert len(default) == 8 and set(default) == {1, 2, 3, 4}  # K ~ U{1..steps}, one per micro-batch
+    assert len(default) == 16 and set(default) == {1, 2, 3, 4}  # K ~ U{1..steps}, one per micro-batch
     monkeypatch.undo()
-    assert K(spy_run(tmp_path / "b", monkeypatch, *common, "--backprop-steps", "2")[0]) == [2] * 8  # fixed K
+    assert K(spy_run(tmp_path / "b", monkeypatch, *common, "--backprop-steps", "2")[0]) == [2] * 16  # fixed K
     monkeypatch.undo()
     drawn = K(spy_run(tmp_path / "c", monkeypatch, *common, "--backprop-steps", "2", "--backprop-random")[0])
-    assert len(drawn) == 8 and set(drawn) == {1, 2}  # K ~ U{1..2}
+    assert len(drawn) == 16 and set(drawn) == {1, 2}  # K ~ U{1..2}
 
 
 def test_eq8_alpha_is_applied_in_fp32_before_the_cast():
@@ -1524,10 +1554,10 @@ def test_alignprop_fine_tuning_raises_bold_on_held_out_prompts_and_noise(explore
     assert_only_lora_changed(s0, s1)
 
 
-def ddpo_update_on_bold(seed, sign=1.0):
+def ddpo_update_on_bold(seed):
     """One DDPO epoch at the shapes model's defaults (128 samples, 8 prompts x 16, one update, lr 5e-4, 10 steps, no
-    exploration) with the advantages multiplied by `sign`; returns bold's mean on the held-out prompts of
-    [unseen_bold] from held-out noise (never a training draw) before the update, after it, and after its mirror."""
+    exploration); returns bold's mean on the held-out prompts of [unseen_bold] from held-out noise (never a training
+    draw) before the update, after it, and after its mirror."""
     args = runs.parse_args(["--method", "ddpo", "--model", "shapes", "--no-explore", "--seed", str(seed),
                             *UNUSED_OUT])
     assert (args.reward, args.batch_size, args.train_batch_size, args.lr) == ("bold", 128, 128, 5e-4)
@@ -1545,8 +1575,6 @@ def ddpo_update_on_bold(seed, sign=1.0):
             return reward(images, held_out).mean().item()
 
     tracker = diffexp.PerPromptStatTracker(32, 16)
-    advantages = tracker.update
-    tracker.update = lambda prompts, rewards: sign * advantages(prompts, rewards)
     lora = [q for q in p.unet.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=args.lr, weight_decay=args.weight_decay)
     before, w0 = evaluate(), [q.detach().clone() for q in lora]
@@ -1973,7 +2001,8 @@ def test_a_published_curve_reproduces_from_the_committed_code(tmp_path):
     settings = results["settings"]
     epochs = settings[settings.index("--eval-every") + 1]
     run = str(tmp_path / "run")
-    diffexp.main(["--model", "shapes", "--seed", "0", *settings, "--no-explore", "--epochs", epochs, "--out", run])
+    diffexp.main(["--model", "shapes", "--seed", "0", *settings, *results["evaluation"], "--no-explore", "--epochs",
+                  epochs, "--out", run])
     rows = read_log(run)
     metrics = [key.split("/")[1] for key in results["curves"] if key.startswith("baseline/")]
     assert {"reward_mean", "eval_unseen_bold", "eval_unseen_explored_bold"} <= set(metrics)
