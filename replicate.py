@@ -611,9 +611,9 @@ def run_peer(peer, argv):
 
     args = runs.parse_args(argv)
     if (peer != "trl" or args.method != "ddpo" or not args.no_explore or args.lora_rank != 4 or args.inner_epochs != 1
-            or args.device != "cpu"):
+            or args.device != "cpu" or args.eval_explored):
         raise ValueError("--peer trl compares DDPO without exploration (--no-explore), LoRA rank 4, 1 inner epoch, on "
-                         "the CPU (--device cpu): what TRL's DDPOTrainer implements, as run here.")
+                         "the CPU (--device cpu), evaluated plainly: what TRL's DDPOTrainer implements, as run here.")
     try:
         from accelerate import PartialState
         from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline

@@ -1781,7 +1781,8 @@ def test_the_peer_runs_only_what_it_implements_and_says_how_to_install_it(tmp_pa
     in one sentence, and without trl on the path the error says how to install it apart (trl is never a dependency)."""
     shapes_ddpo = ["--model", "shapes", "--method", "ddpo", "--reward", "bold", "--out", str(tmp_path / "run")]
     for refused in (["--device", "cpu"], ["--no-explore"], ["--no-explore", "--device", "cpu", "--lora-rank", "8"],
-                    ["--method", "alignprop", "--no-explore", "--device", "cpu"]):
+                    ["--method", "alignprop", "--no-explore", "--device", "cpu"],
+                    ["--no-explore", "--device", "cpu", "--eval-explored"]):
         with pytest.raises(ValueError, match="--peer trl compares DDPO without exploration"):
             replicate.run_peer("trl", shapes_ddpo + refused)
     for method, ablation in (("alignprop", None), ("ddpo", "eq7")):  # refused before any run starts
@@ -1968,12 +1969,16 @@ def test_the_readmes_report_the_committed_results():
     assert report_errors({name: ulp_up(r) for name, r in published.items()}, readme, full) == []
     curve, moved = copy.deepcopy(published["alignprop-bold"]), copy.deepcopy(published["alignprop-bold"])
     curve["curves"]["diffexp/eval_unseen_bold"]["per_seed"][0][-1] += 0.01
-    moved["paired"]["final eval_unseen_bold"]["mean"] += 0.001  # the third decimal, as the README prints it
+    moved["paired"]["final eval_unseen_bold"]["mean"] += 0.001  # the README's third decimal
     for changed in (curve, moved):
         assert report_errors({"alignprop-bold": changed}, readme, full) != []
+    # ... and a digit of either README: the judge's last in the headline row, the last in figures/README.md's tables
     row = replicate.headline("alignprop-bold", published["alignprop-bold"])
-    bumped = re.sub(r"\d(?=\] \|$)", lambda digit: str((int(digit.group()) + 1) % 10), row)  # the judge's last digit
+    bumped = re.sub(r"\d(?=\] \|$)", lambda digit: str((int(digit.group()) + 1) % 10), row)
     assert bumped != row and report_errors(published, readme.replace(row, bumped), full) != []
+    tables = replicate.markdown(published["alignprop-bold"])
+    bumped = re.sub(r"\d(?=\D*$)", lambda digit: str((int(digit.group()) + 1) % 10), tables)
+    assert bumped != tables and report_errors(published, readme, full.replace(tables, bumped)) != []
 
 
 def test_queries_are_counted_only_to_a_gain_beyond_the_seeds_spread():
