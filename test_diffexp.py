@@ -1751,7 +1751,8 @@ def test_the_shapes_models_exploration_is_the_premise_sweeps_choice():
         choice, verdict = replicate.premise_choice(measured["settings"])
         assert measured["choice"] == dict(setting=choice["setting"], verdict=verdict)
         args = runs.parse_args(["--model", "shapes", "--method", method, *UNUSED_OUT])
-        assert {k: getattr(args, k) for k in ("w_low", "t_thres", "alpha_min", "alpha_max")} == choice["setting"]
+        defaults = {k: getattr(args, k) for k in ("w_low", "t_thres", "alpha_min", "alpha_max")}
+        assert differences(defaults, choice["setting"]) == []  # to rounding: the file may come from another CPU
     full = open(os.path.join(HERE, "figures", "README.md"), encoding="utf-8").read()
     assert replicate.premise_markdown(sweep) in full and "premise.png" in full
 
