@@ -1910,9 +1910,10 @@ def test_runs_on_a_shapes_reward_are_also_read_by_the_judge(tmp_path, capsys):
 
 
 # figures/headline_NAME.json: the replications on bold, the peer, then the harder task and the hacked reward
-PUBLISHED = ["alignprop-bold", "alignprop-bold-rule-t900", "alignprop-bold-sd15", "ddpo-bold", "ddpo-bold-sd15",
-             "alignprop-bold-eq7", "alignprop-bold-eq8", "alignprop-bold-t600", "ddpo-bold-trl", "alignprop-fidelity",
-             "ddpo-fidelity", "alignprop-fidelity-eq7", "alignprop-fidelity-eq8", "alignprop-colour"]
+PUBLISHED = ["alignprop-bold", "alignprop-bold-rule-t900", "alignprop-bold-rule-t800", "alignprop-bold-sd15",
+             "ddpo-bold", "ddpo-bold-sd15", "alignprop-bold-eq7", "alignprop-bold-eq8", "alignprop-bold-t600",
+             "ddpo-bold-trl", "alignprop-fidelity", "ddpo-fidelity", "alignprop-fidelity-eq7", "alignprop-fidelity-eq8",
+             "alignprop-colour"]
 
 
 def differences(computed, committed, where="", rel=1e-9):
