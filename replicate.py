@@ -821,6 +821,10 @@ def draw_dose(files, directory):
         ax.axhline(1, color="gray", linewidth=1, linestyle=":")
         ax.set(yscale="log", title=f"{titles[panel]}, DiffExp / baseline",
                xlabel="denoising steps at w_low (0: the baseline)")
+        # Ratios less than a decade apart: evenly spaced ticks printed as 0.8, not a log axis' 8 x 10^-1
+        ax.yaxis.set_major_locator(plt.MaxNLocator(8, steps=[1, 2, 5, 10]))
+        ax.yaxis.set_minor_locator(plt.NullLocator())
+        ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{first['method']} + DiffExp on {first['reward']}, w_low {first['exploration']['w_low']:g} for "
                  f"t > t_thres, {first['seeds']} seeds: 95% intervals, hollow: a bound", fontsize=9)

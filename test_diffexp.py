@@ -1910,10 +1910,10 @@ def test_runs_on_a_shapes_reward_are_also_read_by_the_judge(tmp_path, capsys):
 
 
 # figures/headline_NAME.json: the replications on bold, the peer, then the harder task and the hacked reward
-PUBLISHED = ["alignprop-bold", "alignprop-bold-rule-t900", "alignprop-bold-rule-t800", "alignprop-bold-sd15",
-             "ddpo-bold", "ddpo-bold-sd15", "alignprop-bold-eq7", "alignprop-bold-eq8", "alignprop-bold-t600",
-             "ddpo-bold-trl", "alignprop-fidelity", "ddpo-fidelity", "alignprop-fidelity-eq7", "alignprop-fidelity-eq8",
-             "alignprop-colour"]
+PUBLISHED = ["alignprop-bold", "alignprop-bold-rule-t900", "alignprop-bold-rule-t800", "alignprop-bold-rule-t700",
+             "alignprop-bold-sd15", "ddpo-bold", "ddpo-bold-sd15", "alignprop-bold-eq7", "alignprop-bold-eq8",
+             "alignprop-bold-t600", "ddpo-bold-trl", "alignprop-fidelity", "ddpo-fidelity", "alignprop-fidelity-eq7",
+             "alignprop-fidelity-eq8", "alignprop-colour"]
 
 
 def differences(computed, committed, where="", rel=1e-9):
@@ -1981,6 +1981,37 @@ def test_the_readmes_report_the_committed_results():
     tables = replicate.markdown(published["alignprop-bold"])
     bumped = re.sub(r"\d(?=\D*$)", lambda digit: str((int(digit.group()) + 1) % 10), tables)
     assert bumped != tables and report_errors(published, readme, full.replace(tables, bumped)) != []
+
+
+DOSE_FILES = ["alignprop-bold-rule-t900", "alignprop-bold-rule-t800", "alignprop-bold-rule-t700", "alignprop-bold"]
+
+
+def test_the_dose_puts_each_files_ratios_at_its_steps_at_w_low(tmp_path):
+    """The t_thres dose (the paper's Fig. 9b): each committed file's queries ratio at 75% of the baseline's gain and
+    its area ratio, both readings, at its number of denoising steps at w_low (t > t_thres among the 20 steps: 2, 4, 6
+    and 8 for t_thres 900 to 600), as figures/README.md shows them; files whose settings differ are refused."""
+    files = [os.path.join(HERE, "figures", f"headline_{name}.json") for name in DOSE_FILES]
+    path, points = replicate.draw_dose(files, str(tmp_path))
+    assert path == str(tmp_path / "dose_alignprop-bold.png") and os.path.getsize(path) > 0
+    for (panel, metric), drawn in points.items():
+        assert [steps for steps, _ in drawn] == [2, 4, 6, 8]
+        for (_, ratio), name in zip(drawn, DOSE_FILES):
+            results = json.load(open(os.path.join(HERE, "figures", f"headline_{name}.json")))
+            expected = results["area"][metric] if panel == "area" else results["table"][metric][1]["ratio"]
+            assert ratio == expected and results["table"][metric][1]["fraction"] == 0.75
+    full = open(os.path.join(HERE, "figures", "README.md"), encoding="utf-8").read()
+    assert replicate.dose_markdown(points) in full and "(dose_alignprop-bold.png)" in full
+    assert os.path.getsize(os.path.join(HERE, "figures", "dose_alignprop-bold.png")) < 300_000
+    first = json.load(open(files[0]))
+    others = {"settings": first | dict(settings=["--method", "alignprop", "--lr", "0.5"]),
+              "alpha": first | dict(exploration=first["exploration"] | dict(alpha_max=2.0, t_thres=500)),
+              "t_thres": first}  # the same t_thres twice
+    for name, other in others.items():
+        json.dump(other, open(tmp_path / f"{name}.json", "w"))
+        with pytest.raises(ValueError, match="must share their settings and exploration but for t_thres, and differ"):
+            replicate.dose_points([*files, str(tmp_path / f"{name}.json")])
+    with pytest.raises(ValueError, match="cannot read /no/such.json as a results file"):
+        replicate.dose_points([*files, "/no/such.json"])
 
 
 def test_queries_are_counted_only_to_a_gain_beyond_the_seeds_spread():
