@@ -800,8 +800,9 @@ def dose_points(files):
 
 def draw_dose(files, directory):
     """dose_points drawn: both panels, both readings, DiffExp / baseline against the number of steps at w_low (0: the
-    baseline, 1 by definition), 95% intervals on a log scale; a hollow marker is a bound (a seed censored at the
-    budget), and an area <= 0 has no point. Writes DIRECTORY/dose_METHOD-REWARD.png; returns (its path, the points)."""
+    baseline, 1 by definition), 95% intervals on a log scale; a hollow marker has seeds censored at the budget
+    (a bound where one arm's are), and an area <= 0 has no point. Writes DIRECTORY/dose_METHOD-REWARD.png;
+    returns (its path, the points)."""
     plt = pyplot()
     first = json.load(open(files[0]))
     points = dose_points(files)
@@ -821,13 +822,14 @@ def draw_dose(files, directory):
         ax.axhline(1, color="gray", linewidth=1, linestyle=":")
         ax.set(yscale="log", title=f"{titles[panel]}, DiffExp / baseline",
                xlabel="denoising steps at w_low (0: the baseline)")
-        # Ratios less than a decade apart: evenly spaced ticks printed as 0.8, not a log axis' 8 x 10^-1
-        ax.yaxis.set_major_locator(plt.MaxNLocator(8, steps=[1, 2, 5, 10]))
-        ax.yaxis.set_minor_locator(plt.NullLocator())
-        ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
+        low, high = ax.get_ylim()
+        if high / low < 10:  # within a decade a log axis labels 8 x 10^-1 or nothing: ticks at round values instead
+            ax.yaxis.set_major_locator(plt.MaxNLocator(8, steps=[1, 2, 5, 10]))
+            ax.yaxis.set_minor_locator(plt.NullLocator())
+            ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{first['method']} + DiffExp on {first['reward']}, w_low {first['exploration']['w_low']:g} for "
-                 f"t > t_thres, {first['seeds']} seeds: 95% intervals, hollow: a bound", fontsize=9)
+                 f"t > t_thres, {first['seeds']} seeds: 95% intervals, hollow: censored seeds", fontsize=9)
     fig.tight_layout()
     path = os.path.join(directory, f"dose_{first['method']}-{first['reward']}.png")
     fig.savefig(path, dpi=80)
