@@ -1235,8 +1235,10 @@ def test_main_in_process_restores_the_signal_handlers(tmp_path):
 
 
 def torchrun(tmp_path, *argvs):
-    """diffexp.main under torchrun with 2 CPU processes (gloo, one thread each), once per argv in `argvs`, one after
-    the other in one launch; each rank saves its LoRA at the start and end of each run, as RUN_DIR.rankR.pt."""
+    """diffexp.main under torchrun with 2 CPU processes (gloo, one thread each), a launch per argv in `argvs`, one
+    after the other until one fails; each rank saves its LoRA at the start and end of its run, as RUN_DIR.rankR.pt.
+    One launch per run: a second init_process_group in the same launch reuses the first's store keys (its group
+    counter starts again at 0), so a rank that gets there first can read the other's stale address and fail."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(f"""
 import json, os, sys, torch
@@ -1253,12 +1255,18 @@ def train_and_dump(pipe, reward_fns, args, *rest):
 diffexp.train = train_and_dump
 if os.environ["RANK"] == "0" and os.environ.get("RANK0_DELAY"):  # rank 0 lagging behind the others, as under load
     import time; time.sleep(float(os.environ["RANK0_DELAY"]))
-for argv in json.loads(sys.argv[1]):
-    diffexp.main(argv)
+diffexp.main(json.loads(sys.argv[1]))
 """)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(launcher), json.dumps(argvs)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stdout, stderr = "", ""
+    for argv in argvs:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+                   json.dumps(argv)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout, stderr = stdout + proc.stdout, stderr + proc.stderr
+        if proc.returncode != 0:
+            break
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_two_processes_end_with_identical_lora(tmp_path):
