@@ -535,14 +535,15 @@ def premise_markdown(results):
 
 
 def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extra=(), peer=None, runs_dir=None,
-              baseline_from=None):
+              baseline_from=None, seeds_from=None):
     """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. The runs live
     in `runs_dir` (default out/runs) as ARM-sSEED, ARM "baseline", "diffexp", the ablation's or the peer's name:
     replications given one `runs_dir` share the runs whose arguments are equal (run_in_parallel), such as a baseline
-    arm. With `baseline_from`, a published results file of the same settings, the baseline arm is its curves, not
-    new runs. With a `peer`, its implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there
-    is no diversity to show. Without one, both arms' runs also read the unseen prompts under DiffExp's sampler
-    (EVALUATION), kept in results.json where both arms sampled it at one setting."""
+    arm. Published results files take the place of runs, seed by seed: `seeds_from`, an earlier results file of this
+    replication on fewer seeds, for both arms; `baseline_from`, one of the same settings, for the baseline arm; the
+    seeds beyond theirs run. With a `peer`, its implementation of the baseline (`run_peer`) takes the DiffExp arm's
+    place, and there is no diversity to show. Without one, both arms' runs also read the unseen prompts under
+    DiffExp's sampler (EVALUATION), kept in results.json where both arms sampled it at one setting."""
     if not 2 <= seeds <= len(T_975) + 1 or parallel < 1:
         raise ValueError(f"replicate needs 2 to {len(T_975) + 1} seeds (for the intervals) and 1 run at a time.")
     if peer and (method != "ddpo" or ablation):
@@ -559,35 +560,44 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
         cpu = ["--no-explore", "--device", "cpu"]  # TRL runs here on the CPU, in fp32: so does our arm beside it
         arms = {peer: ("replicate.py", ["--run-peer", peer, *cpu], peer), "baseline": ("diffexp.py", cpu, "baseline")}
     evaluation = [] if peer else EVALUATION  # a peer's arm evaluates as a baseline does
-    published = None
-    if baseline_from:
-        with open(baseline_from) as f:
+    sources = []  # [(published results, the arms taken from it)], searched in order
+    for path, taken in ((seeds_from, list(arms)), (baseline_from, ["baseline"])):
+        if not path:
+            continue
+        with open(path) as f:
             published = json.load(f)
-        if published["settings"] != settings or published["seeds"] < seeds:
-            raise ValueError(f"--baseline-from {baseline_from}: its baseline ran with {published['settings']} on "
-                             f"{published['seeds']} seeds; this replication needs {settings} on {seeds}.")
+        flags = published["diffexp_flags"] if path == seeds_from else arms[compared][1]
+        if published["settings"] != settings or published["arms"] != list(arms) or flags != arms[compared][1]:
+            raise ValueError(f"{path}: its runs are {published['arms']} with {published['settings']} (the first also "
+                             f"with {published['diffexp_flags']}); this replication needs {list(arms)} with "
+                             f"{settings} (the first also with {arms[compared][1]}).")
+        sources.append((published, taken))
+
+    def published_rows(arm, seed):  # a seed's rows from the first published file that holds them, or None
+        return next((logged_rows(published, arm, seed) for published, taken in sources
+                     if arm in taken and seed < published["seeds"]), None)
+
     runs_dir = runs_dir or os.path.join(out, "runs")
     commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *evaluation, *flags],
                                     os.path.join(runs_dir, f"{name}-s{seed}"))
                 for seed in range(seeds) for arm, (script, flags, name) in arms.items()
-                if not (published and arm == "baseline")}
+                if published_rows(arm, seed) is None}
     run_in_parallel(commands, parallel)
     logs = {}
     for arm, (_, _, name) in arms.items():
-        if published and arm == "baseline":
-            logs[arm] = [logged_rows(published, "baseline", seed) for seed in range(seeds)]
-        else:
-            logs[arm] = [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) for seed in range(seeds)]
+        logs[arm] = [published_rows(arm, seed) or read_log(os.path.join(runs_dir, f"{name}-s{seed}"))
+                     for seed in range(seeds)]
     flags = arms[compared][1]
     # Both arms' unseen prompts under DiffExp's sampler, where both sampled it at one setting (an ablation's baseline
-    # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's) and where a
-    # published baseline has them
+    # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's) and where
+    # every seed of both arms has them (published seeds may not)
     exploration = None if peer else {name: exploration_of([*settings, *arms[name][1]]) for name in arms}
     explored = (bool(exploration) and len({str(e) for e in exploration.values()}) == 1
-                and all(explored_metrics(reward)[0] in rows[-1] for rows in logs["baseline"]))
+                and all(explored_metrics(reward)[0] in rows[-1] for arm_logs in logs.values() for rows in arm_logs))
     results = summarise(logs, method, reward, settings, explored) | dict(ablation=ablation, diffexp_flags=flags,
                                                                          evaluation=evaluation,
-                                                                         baseline_from=baseline_from)
+                                                                         baseline_from=baseline_from,
+                                                                         seeds_from=seeds_from)
     results |= dict(exploration=None, diversity=None)
     images, prompts = None, None
     if not peer:
@@ -1085,7 +1095,10 @@ def main(argv=None):
                         "ratios against the steps at w_low, runs/dose_METHOD-REWARD.png; given results files, draw "
                         "them beside the first")
     parser.add_argument("--baseline-from", metavar="RESULTS.json", help="take the baseline arm's curves from this "
-                        "published results file of the same settings instead of running it again")
+                        "published results file of the same settings instead of running it again (its seeds; any "
+                        "further seeds run)")
+    parser.add_argument("--seeds-from", metavar="RESULTS.json", help="take both arms' curves of the seeds that this "
+                        "published results file of the same replication holds, and run only the seeds beyond them")
     parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD-REWARD[-ABLATION][-PEER]"
                         "[-FLAGS], or runs/premise)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
@@ -1153,7 +1166,7 @@ def main(argv=None):
         runs_dir = None if args.out or args.peer else os.path.join("runs", f"replicate-{args.method}{shared}", "runs")
         try:
             results = replicate(args.method, args.seeds, out, args.reward, ablation, args.parallel, extra, args.peer,
-                                runs_dir, args.baseline_from)
+                                runs_dir, args.baseline_from, args.seeds_from)
         except (ValueError, RuntimeError) as e:
             sys.exit(f"error: {e}")
         print(markdown(results))

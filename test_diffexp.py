@@ -1687,8 +1687,22 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
     again = capsys.readouterr().out
     assert again.count("ran before with these arguments") == 4 and "] epoch" not in again
     assert json.load(open(tmp_path / "results.json"))["curves"] == results["curves"]
+    # a published file of this replication on 1 seed takes the place of seed 0's runs (gone): only seed 1's are read
+    first = copy.deepcopy(results) | dict(seeds=1)
+    for curve_ in first["curves"].values():
+        curve_["per_seed"] = curve_["per_seed"][:1]
+    json.dump(first, open(tmp_path / "first.json", "w"))
+    for arm in ("diffexp", "baseline"):
+        shutil.rmtree(tmp_path / "runs" / f"{arm}-s0")
+    replicate.main([*argv, "--seeds-from", str(tmp_path / "first.json")])
+    again = capsys.readouterr().out
+    assert again.count("ran before with these arguments") == 2 and "] epoch" not in again
+    assert json.load(open(tmp_path / "results.json"))["curves"] == results["curves"]
+    json.dump(first | dict(settings=first["settings"] + ["--lr", "0.5"]), open(tmp_path / "other.json", "w"))
+    with pytest.raises(SystemExit, match="other.json: its runs are"):
+        replicate.main([*argv, "--seeds-from", str(tmp_path / "other.json")])
     # ... unless the code now gives its arguments other settings (a changed default): then the run is stale
-    run_dir = str(tmp_path / "runs" / "baseline-s0")
+    run_dir = str(tmp_path / "runs" / "baseline-s1")
     script, argv = json.load(open(run_dir + ".done"))
     assert replicate.finished(script, argv, run_dir)
     monkeypatch.setitem(runs.DEFAULTS[("shapes", "alignprop")], "lr", 0.5)
