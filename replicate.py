@@ -223,19 +223,26 @@ def explored_metrics(reward):
     return [f"eval_unseen_explored_{reward}", "eval_unseen_explored_shapes_judge"]
 
 
-def summarise(logs, method, reward, settings, explored=False):
+def summarise(logs, method, reward, settings, explored_seeds=()):
     """results.json's content from the runs' logs {arm: [rows of seed 0, rows of seed 1, ...]}, the compared arm first
     ("diffexp", or a peer), then "baseline": the curves (training reward, and the evaluation on unseen prompts of the
-    reward and of the judge; with `explored`, also their evaluation with DiffExp's sampler) per seed with their mean
-    and std, and what derive() computes from them."""
+    reward and of the judge; on the `explored_seeds`, also their evaluation with DiffExp's sampler, whose curves hold
+    those seeds only) per seed with their mean and std, and what derive() computes from them."""
     seeds = len(logs["baseline"])
     judge = ["eval_unseen_shapes_judge"] if reward != "shapes_judge" else []
-    metrics = ["reward_mean", f"eval_unseen_{reward}", *judge, *(explored_metrics(reward) if explored else [])]
-    results = dict(method=method, reward=reward, seeds=seeds, settings=settings, arms=list(logs), curves={})
+    plain = ["reward_mean", f"eval_unseen_{reward}", *judge]
+    metrics = [*plain, *(explored_metrics(reward) if explored_seeds else [])]
+    results = dict(method=method, reward=reward, seeds=seeds, settings=settings, arms=list(logs),
+                   explored_seeds=list(explored_seeds), curves={})
     for arm, arm_logs in logs.items():
         for metric in metrics:
-            queries = [r["reward_queries"] for r in arm_logs[0] if metric in r]
-            values = np.array([[r[metric] for r in log if metric in r] for log in arm_logs])  # [seeds, points]
+            read = arm_logs if metric in plain else [arm_logs[seed] for seed in explored_seeds]
+            queries = [r["reward_queries"] for r in read[0] if metric in r]
+            for log in read[1:]:  # published seeds and new runs alike
+                if [r["reward_queries"] for r in log if metric in r] != queries:
+                    raise ValueError(f"{arm}'s {metric} was read at other reward queries in one seed than in "
+                                     "another: their runs' settings differ.")
+            values = np.array([[r[metric] for r in log if metric in r] for log in read])  # [seeds, points]
             results["curves"][f"{arm}/{metric}"] = dict(queries=queries, per_seed=values.tolist(),
                                                         mean=values.mean(0).tolist(), std=values.std(0).tolist())
     return derive(results)
@@ -294,16 +301,35 @@ def sampler_differences(results):
     """The held-out prompts' final values under both samplers, paired per seed, for the reward and the judge: how much
     each arm's LoRA gains from being sampled with DiffExp's sampler, how much more DiffExp's gains than the
     baseline's (the LoRA learned the sampler it trained with), and what a user would get sampling DiffExp's LoRA
-    with DiffExp's sampler rather than the baseline's LoRA plainly. {metric: {SAMPLER_DIFFERENCES name: paired}}."""
+    with DiffExp's sampler rather than the baseline's LoRA plainly, on the seeds read both ways (explored_seeds).
+    {metric: {SAMPLER_DIFFERENCES name: paired}}."""
     arm, out = results["arms"][0], {}
+    seeds = explored_seeds(results)
+
+    def final(name, metric):  # [seeds read both ways]
+        values = np.array(results["curves"][f"{name}/{metric}"]["per_seed"])[:, -1]
+        return values if metric in explored_metrics(results["reward"]) else values[seeds]
+
     for plain, explored in zip([f"eval_unseen_{results['reward']}", "eval_unseen_shapes_judge"],
                                explored_metrics(results["reward"])):
-        gains = {name: np.array(final_difference(results, (name, explored), (name, plain)))
-                 for name in (arm, "baseline")}
+        gains = {name: final(name, explored) - final(name, plain) for name in (arm, "baseline")}
         out[plain] = dict(diffexp=paired(gains[arm].tolist()), baseline=paired(gains["baseline"].tolist()),
                           interaction=paired((gains[arm] - gains["baseline"]).tolist()),
-                          user=paired(final_difference(results, (arm, explored), ("baseline", plain))))
+                          user=paired((final(arm, explored) - final("baseline", plain)).tolist()))
     return out
+
+
+def explored_seeds(results):
+    """The seeds whose unseen prompts were also read under DiffExp's sampler (files before this key: every seed)."""
+    return results.get("explored_seeds", list(range(results["seeds"])))
+
+
+def explored_seeds_text(results):
+    """"" when every seed was read under both samplers, else which were, in words."""
+    seeds = explored_seeds(results)
+    if len(seeds) == results["seeds"]:
+        return ""
+    return f" (seeds {', '.join(map(str, seeds))} of 0-{results['seeds'] - 1}: the others' runs predate this reading)"
 
 
 def exploration_of(argv):
@@ -539,11 +565,12 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
     """Run both arms over `seeds` seeds, summarise, measure diversity, draw; writes out/results.json. The runs live
     in `runs_dir` (default out/runs) as ARM-sSEED, ARM "baseline", "diffexp", the ablation's or the peer's name:
     replications given one `runs_dir` share the runs whose arguments are equal (run_in_parallel), such as a baseline
-    arm. Published results files take the place of runs, seed by seed: `seeds_from`, an earlier results file of this
-    replication on fewer seeds, for both arms; `baseline_from`, one of the same settings, for the baseline arm; the
-    seeds beyond theirs run. With a `peer`, its implementation of the baseline (`run_peer`) takes the DiffExp arm's
-    place, and there is no diversity to show. Without one, both arms' runs also read the unseen prompts under
-    DiffExp's sampler (EVALUATION), kept in results.json where both arms sampled it at one setting."""
+    arm. Published results files take the place of runs, seed by seed, searched in this order: `seeds_from`, an
+    earlier results file of this replication (the same settings, arms, DiffExp flags and exploration), for both arms;
+    `baseline_from`, one of the same settings, for the baseline arm; the seeds beyond theirs run. With a `peer`, its
+    implementation of the baseline (`run_peer`) takes the DiffExp arm's place, and there is no diversity to show.
+    Without one, both arms' runs also read the unseen prompts under DiffExp's sampler (EVALUATION), kept in
+    results.json for the seeds whose runs of both arms read it at one setting (explored_seeds)."""
     if not 2 <= seeds <= len(T_975) + 1 or parallel < 1:
         raise ValueError(f"replicate needs 2 to {len(T_975) + 1} seeds (for the intervals) and 1 run at a time.")
     if peer and (method != "ddpo" or ablation):
@@ -560,22 +587,30 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
         cpu = ["--no-explore", "--device", "cpu"]  # TRL runs here on the CPU, in fp32: so does our arm beside it
         arms = {peer: ("replicate.py", ["--run-peer", peer, *cpu], peer), "baseline": ("diffexp.py", cpu, "baseline")}
     evaluation = [] if peer else EVALUATION  # a peer's arm evaluates as a baseline does
-    sources = []  # [(published results, the arms taken from it)], searched in order
-    for path, taken in ((seeds_from, list(arms)), (baseline_from, ["baseline"])):
-        if not path:
-            continue
-        with open(path) as f:
-            published = json.load(f)
-        flags = published["diffexp_flags"] if path == seeds_from else arms[compared][1]
-        if published["settings"] != settings or published["arms"] != list(arms) or flags != arms[compared][1]:
-            raise ValueError(f"{path}: its runs are {published['arms']} with {published['settings']} (the first also "
-                             f"with {published['diffexp_flags']}); this replication needs {list(arms)} with "
-                             f"{settings} (the first also with {arms[compared][1]}).")
-        sources.append((published, taken))
+    sources = []  # [(a published results file, the arms taken from it)], searched in order
+    if seeds_from:
+        with open(seeds_from) as f:
+            earlier = json.load(f)
+        # the exploration the DiffExp arm's flags give today: a changed default makes the earlier runs another arm's
+        exploration = None if peer else exploration_of([*settings, *arms[compared][1]])
+        if ([earlier[k] for k in ("settings", "arms", "diffexp_flags")] != [settings, list(arms), arms[compared][1]]
+                or earlier["exploration"] != exploration):
+            raise ValueError(f"--seeds-from {seeds_from}: its arms {earlier['arms']} ran with {earlier['settings']}, "
+                             f"the first also with {earlier['diffexp_flags']} (exploration {earlier['exploration']}); "
+                             f"this replication runs {list(arms)} with {settings}, the first also with "
+                             f"{arms[compared][1]} (exploration {exploration}).")
+        sources.append((earlier, list(arms)))
+    if baseline_from:
+        with open(baseline_from) as f:
+            earlier = json.load(f)
+        if earlier["settings"] != settings:
+            raise ValueError(f"--baseline-from {baseline_from}: its baseline ran with {earlier['settings']}; this "
+                             f"replication needs {settings}.")
+        sources.append((earlier, ["baseline"]))
 
     def published_rows(arm, seed):  # a seed's rows from the first published file that holds them, or None
-        return next((logged_rows(published, arm, seed) for published, taken in sources
-                     if arm in taken and seed < published["seeds"]), None)
+        return next((logged_rows(earlier, arm, seed) for earlier, taken in sources
+                     if arm in taken and seed < earlier["seeds"]), None)
 
     runs_dir = runs_dir or os.path.join(out, "runs")
     commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *evaluation, *flags],
@@ -585,15 +620,17 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
     run_in_parallel(commands, parallel)
     logs = {}
     for arm, (_, _, name) in arms.items():
-        logs[arm] = [published_rows(arm, seed) or read_log(os.path.join(runs_dir, f"{name}-s{seed}"))
-                     for seed in range(seeds)]
+        logs[arm] = [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) if published_rows(arm, seed) is None
+                     else published_rows(arm, seed) for seed in range(seeds)]
     flags = arms[compared][1]
     # Both arms' unseen prompts under DiffExp's sampler, where both sampled it at one setting (an ablation's baseline
-    # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's) and where
-    # every seed of both arms has them (published seeds may not)
+    # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's), on the seeds
+    # whose runs of both arms read them (a published seed's may predate the reading)
     exploration = None if peer else {name: exploration_of([*settings, *arms[name][1]]) for name in arms}
-    explored = (bool(exploration) and len({str(e) for e in exploration.values()}) == 1
-                and all(explored_metrics(reward)[0] in rows[-1] for arm_logs in logs.values() for rows in arm_logs))
+    explored = []
+    if exploration and len({str(e) for e in exploration.values()}) == 1:
+        explored = [seed for seed in range(seeds)
+                    if all(explored_metrics(reward)[0] in logs[arm][seed][-1] for arm in logs)]
     results = summarise(logs, method, reward, settings, explored) | dict(ablation=ablation, diffexp_flags=flags,
                                                                          evaluation=evaluation,
                                                                          baseline_from=baseline_from,
@@ -766,8 +803,8 @@ def draw_samplers(results, path):
                 ax.plot(curve["queries"], curve["mean"], style, color=colour, label=f"{label}, {sampler}")
         ax.set(title=f"unseen prompts: {plain.removeprefix('eval_unseen_')}", xlabel="reward queries")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {results['seeds']} seeds (mean)",
-                 fontsize=9)
+    fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {len(explored_seeds(results))} seeds "
+                 "(mean)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close("all")
@@ -957,14 +994,16 @@ def markdown(results):
         if name == arm:
             d, b = results["final"][key], results["final"][f"baseline/{metric}"]
             start = results["curves"][f"baseline/{metric}"]["mean"][0]
-            lines.append(f"| {metric} (from {start:.3f}) | {d['mean']:.3f} +- {d['std']:.3f} | "
+            subset = explored_seeds(results) if metric in explored_metrics(reward) else range(results["seeds"])
+            seeds = "" if len(subset) == results["seeds"] else f" (seeds {', '.join(map(str, subset))})"
+            lines.append(f"| {metric} (from {start:.3f}){seeds} | {d['mean']:.3f} +- {d['std']:.3f} | "
                          f"{b['mean']:.3f} +- {b['std']:.3f} |")
     lines += ["", f"| paired difference, {short} - baseline (same seed) | mean [95% t interval] |", "|---|---|"]
     lines += [f"| {name} | {interval(p)} |" for name, p in results["paired"].items()]
     if results["samplers"]:
         judge = "eval_unseen_shapes_judge"
-        lines += ["", "| the unseen prompts at the end, by sampler: paired difference (same seed) "
-                  f"| {reward} | judge |", "|---|---|---|"]
+        lines += ["", "| the unseen prompts at the end, by sampler: paired difference (same seed)"
+                  f"{explored_seeds_text(results)} | {reward} | judge |", "|---|---|---|"]
         lines += [f"| {words} | {interval(results['samplers'][f'eval_unseen_{reward}'][name])} | "
                   f"{interval(results['samplers'][judge][name])} |" for name, words in SAMPLER_DIFFERENCES.items()]
     if results["diversity"]:
@@ -1098,7 +1137,8 @@ def main(argv=None):
                         "published results file of the same settings instead of running it again (its seeds; any "
                         "further seeds run)")
     parser.add_argument("--seeds-from", metavar="RESULTS.json", help="take both arms' curves of the seeds that this "
-                        "published results file of the same replication holds, and run only the seeds beyond them")
+                        "published results file of the same replication holds (the same settings, arms, DiffExp flags "
+                        "and exploration; before --baseline-from), and run only the seeds beyond them")
     parser.add_argument("--out", help="output directory (default: runs/replicate-METHOD-REWARD[-ABLATION][-PEER]"
                         "[-FLAGS], or runs/premise)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
@@ -1154,8 +1194,9 @@ def main(argv=None):
         parser.error("give --method ddpo or alignprop (or --redraw a results file).")
     ablations = [args.ablation]
     if args.dose is not None:
-        if args.ablation or args.peer or args.out:
-            parser.error("--dose runs its own ablations into the default directories: no --ablation, --peer or --out.")
+        if args.ablation or args.peer or args.out or args.seeds_from:
+            parser.error("--dose runs its own ablations into the default directories: no --ablation, --peer, --out "
+                         "or --seeds-from.")
         ablations = [None, *(f"rule-t{t_thres}" for t_thres in DOSE)]
     files = []
     for ablation in ablations:

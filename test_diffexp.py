@@ -1687,20 +1687,30 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
     again = capsys.readouterr().out
     assert again.count("ran before with these arguments") == 4 and "] epoch" not in again
     assert json.load(open(tmp_path / "results.json"))["curves"] == results["curves"]
-    # a published file of this replication on 1 seed takes the place of seed 0's runs (gone): only seed 1's are read
+    # a published file of this replication on 1 seed takes the place of seed 0's runs (gone): only seed 1's are read;
+    # its seed predates the reading under DiffExp's sampler, which then holds seed 1 alone
+    explored = [f"{arm}/{m}" for arm in ("diffexp", "baseline") for m in replicate.explored_metrics("bold")]
     first = copy.deepcopy(results) | dict(seeds=1)
-    for curve_ in first["curves"].values():
-        curve_["per_seed"] = curve_["per_seed"][:1]
+    first["curves"] = {key: c | dict(per_seed=c["per_seed"][:1]) for key, c in first["curves"].items()
+                       if key not in explored}
     json.dump(first, open(tmp_path / "first.json", "w"))
     for arm in ("diffexp", "baseline"):
         shutil.rmtree(tmp_path / "runs" / f"{arm}-s0")
     replicate.main([*argv, "--seeds-from", str(tmp_path / "first.json")])
     again = capsys.readouterr().out
     assert again.count("ran before with these arguments") == 2 and "] epoch" not in again
-    assert json.load(open(tmp_path / "results.json"))["curves"] == results["curves"]
-    json.dump(first | dict(settings=first["settings"] + ["--lr", "0.5"]), open(tmp_path / "other.json", "w"))
-    with pytest.raises(SystemExit, match="other.json: its runs are"):
-        replicate.main([*argv, "--seeds-from", str(tmp_path / "other.json")])
+    mixed = json.load(open(tmp_path / "results.json"))
+    assert mixed["explored_seeds"] == [1] and results["explored_seeds"] == [0, 1]
+    for key, c in results["curves"].items():
+        assert mixed["curves"][key]["per_seed"] == (c["per_seed"][1:] if key in explored else c["per_seed"]), key
+    assert mixed["samplers"][metric]["diffexp"]["per_seed"] == pytest.approx(gain["diffexp"][1:].tolist())
+    assert mixed["samplers"][metric]["user"]["per_seed"] == pytest.approx(user[1:].tolist())
+    assert "by sampler: paired difference (same seed) (seeds 1 of 0-1: the others' runs predate" in again
+    for other in (dict(settings=first["settings"] + ["--lr", "0.5"]), dict(diffexp_flags=["--t-thres", "900"]),
+                  dict(exploration=first["exploration"] | dict(t_thres=900))):  # a default changed since
+        json.dump(first | other, open(tmp_path / "other.json", "w"))
+        with pytest.raises(SystemExit, match="other.json: its arms"):
+            replicate.main([*argv, "--seeds-from", str(tmp_path / "other.json")])
     # ... unless the code now gives its arguments other settings (a changed default): then the run is stale
     run_dir = str(tmp_path / "runs" / "baseline-s1")
     script, argv = json.load(open(run_dir + ".done"))
