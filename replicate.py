@@ -4,6 +4,7 @@
     python replicate.py --method alignprop --reward bold --seeds 12        # DiffExp vs AlignProp on the style reward
     python replicate.py --method alignprop --ablation sd15 --seeds 12      # ... at our SD 1.5 exploration instead
     python replicate.py --method ddpo --reward bold --seeds 3              # DiffExp vs DDPO, at its shapes defaults
+    python replicate.py --method ddpo --seeds 8 --seeds-from F.json        # ... on 8 seeds, F's seeds not run again
     python replicate.py --method alignprop --ablation eq7 --seeds 3        # Eq. 7 alone (alpha = 1); eq8: Eq. 8 alone
     python replicate.py --method ddpo --peer trl --seeds 3                 # our DDPO beside TRL's DDPOTrainer
     python replicate.py --method alignprop --reward fidelity --seeds 5     # the harder task (its published settings)
