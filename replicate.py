@@ -330,7 +330,12 @@ def explored_seeds_text(results):
     seeds = explored_seeds(results)
     if len(seeds) == results["seeds"]:
         return ""
-    return f" (seeds {', '.join(map(str, seeds))} of 0-{results['seeds'] - 1}: the others' runs predate this reading)"
+    return f" ({seed_list(seeds)} of 0-{results['seeds'] - 1}: the others' runs predate this reading)"
+
+
+def seed_list(seeds):
+    """[3] -> "seed 3", [3, 4] -> "seeds 3, 4"."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def exploration_of(argv):
@@ -804,7 +809,7 @@ def draw_samplers(results, path):
                 ax.plot(curve["queries"], curve["mean"], style, color=colour, label=f"{label}, {sampler}")
         ax.set(title=f"unseen prompts: {plain.removeprefix('eval_unseen_')}", xlabel="reward queries")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {len(explored_seeds(results))} seeds "
+    fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {seed_list(explored_seeds(results))} "
                  "(mean)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -910,7 +915,8 @@ def labels(results):
 def interval(p):
     """A paired difference as text: mean [95% interval] (n seeds), or below 3 seeds the per-seed values."""
     if p["low"] is None:
-        return "per seed " + ", ".join(f"{d:+.4f}" for d in p["per_seed"]) + f" ({p['n']} seeds, no interval)"
+        seeds = "1 seed" if p["n"] == 1 else f"{p['n']} seeds"
+        return "per seed " + ", ".join(f"{d:+.4f}" for d in p["per_seed"]) + f" ({seeds}, no interval)"
     return f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] ({p['n']} seeds)"
 
 
@@ -996,7 +1002,7 @@ def markdown(results):
             d, b = results["final"][key], results["final"][f"baseline/{metric}"]
             start = results["curves"][f"baseline/{metric}"]["mean"][0]
             subset = explored_seeds(results) if metric in explored_metrics(reward) else range(results["seeds"])
-            seeds = "" if len(subset) == results["seeds"] else f" (seeds {', '.join(map(str, subset))})"
+            seeds = "" if len(subset) == results["seeds"] else f" ({seed_list(subset)})"
             lines.append(f"| {metric} (from {start:.3f}){seeds} | {d['mean']:.3f} +- {d['std']:.3f} | "
                          f"{b['mean']:.3f} +- {b['std']:.3f} |")
     lines += ["", f"| paired difference, {short} - baseline (same seed) | mean [95% t interval] |", "|---|---|"]

@@ -1705,7 +1705,7 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
         assert mixed["curves"][key]["per_seed"] == (c["per_seed"][1:] if key in explored else c["per_seed"]), key
     assert mixed["samplers"][metric]["diffexp"]["per_seed"] == pytest.approx(gain["diffexp"][1:].tolist())
     assert mixed["samplers"][metric]["user"]["per_seed"] == pytest.approx(user[1:].tolist())
-    assert "by sampler: paired difference (same seed) (seeds 1 of 0-1: the others' runs predate" in again
+    assert "by sampler: paired difference (same seed) (seed 1 of 0-1: the others' runs predate" in again
     for other in (dict(settings=first["settings"] + ["--lr", "0.5"]), dict(diffexp_flags=["--t-thres", "900"]),
                   dict(exploration=first["exploration"] | dict(t_thres=900))):  # a default changed since
         json.dump(first | other, open(tmp_path / "other.json", "w"))
