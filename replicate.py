@@ -614,20 +614,21 @@ def replicate(method, seeds, out, reward="bold", ablation=None, parallel=2, extr
                              f"replication needs {settings}.")
         sources.append((earlier, ["baseline"]))
 
-    def published_rows(arm, seed):  # a seed's rows from the first published file that holds them, or None
-        return next((logged_rows(earlier, arm, seed) for earlier, taken in sources
-                     if arm in taken and seed < earlier["seeds"]), None)
-
+    published = {}  # {(arm, seed): its log rows, from the first published file that holds them}
+    for earlier, taken in sources:
+        for arm in taken:
+            for seed in range(min(earlier["seeds"], seeds)):
+                published.setdefault((arm, seed), logged_rows(earlier, arm, seed))
     runs_dir = runs_dir or os.path.join(out, "runs")
     commands = {f"{name} s{seed}": (script, ["--model", "shapes", "--seed", str(seed), *settings, *evaluation, *flags],
                                     os.path.join(runs_dir, f"{name}-s{seed}"))
                 for seed in range(seeds) for arm, (script, flags, name) in arms.items()
-                if published_rows(arm, seed) is None}
+                if (arm, seed) not in published}
     run_in_parallel(commands, parallel)
     logs = {}
     for arm, (_, _, name) in arms.items():
-        logs[arm] = [read_log(os.path.join(runs_dir, f"{name}-s{seed}")) if published_rows(arm, seed) is None
-                     else published_rows(arm, seed) for seed in range(seeds)]
+        logs[arm] = [published[arm, seed] if (arm, seed) in published
+                     else read_log(os.path.join(runs_dir, f"{name}-s{seed}")) for seed in range(seeds)]
     flags = arms[compared][1]
     # Both arms' unseen prompts under DiffExp's sampler, where both sampled it at one setting (an ablation's baseline
     # arm is the replication's: its exploring sampler is the shapes model's default, not the ablation's), on the seeds
@@ -1001,8 +1002,8 @@ def markdown(results):
         if name == arm:
             d, b = results["final"][key], results["final"][f"baseline/{metric}"]
             start = results["curves"][f"baseline/{metric}"]["mean"][0]
-            subset = explored_seeds(results) if metric in explored_metrics(reward) else range(results["seeds"])
-            seeds = "" if len(subset) == results["seeds"] else f" ({seed_list(subset)})"
+            partial = metric in explored_metrics(reward) and len(explored_seeds(results)) < results["seeds"]
+            seeds = f" ({seed_list(explored_seeds(results))})" if partial else ""
             lines.append(f"| {metric} (from {start:.3f}){seeds} | {d['mean']:.3f} +- {d['std']:.3f} | "
                          f"{b['mean']:.3f} +- {b['std']:.3f} |")
     lines += ["", f"| paired difference, {short} - baseline (same seed) | mean [95% t interval] |", "|---|---|"]
