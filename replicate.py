@@ -152,12 +152,15 @@ def read_log(run_dir):
 
 
 def logged_rows(results, arm, seed):
-    """One seed's log rows of an arm, rebuilt from a results file's curves: what summarise() reads of them."""
+    """One seed's log rows of an arm, rebuilt from a results file's curves: what summarise() reads of them. The curves
+    under DiffExp's sampler hold the explored seeds only, in their order."""
     rows = {}
     for key, curve in results["curves"].items():
         name, metric = key.split("/")
-        if name == arm:
-            for queries, value in zip(curve["queries"], curve["per_seed"][seed]):
+        held = explored_seeds(results) if metric in explored_metrics(results["reward"]) else range(results["seeds"])
+        if name == arm and seed in held:
+            values = curve["per_seed"][list(held).index(seed)]
+            for queries, value in zip(curve["queries"], values):
                 rows.setdefault(queries, dict(reward_queries=queries))[metric] = value
     return [rows[queries] for queries in sorted(rows)]
 

@@ -1706,6 +1706,11 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
     assert mixed["samplers"][metric]["diffexp"]["per_seed"] == pytest.approx(gain["diffexp"][1:].tolist())
     assert mixed["samplers"][metric]["user"]["per_seed"] == pytest.approx(user[1:].tolist())
     assert "by sampler: paired difference (same seed) (seed 1 of 0-1: the others' runs predate" in again
+    # that file continued in turn: its curves under DiffExp's sampler hold seed 1 alone, and both seeds come from it
+    shutil.copy(tmp_path / "results.json", tmp_path / "mixed.json")
+    replicate.main([*argv, "--seeds-from", str(tmp_path / "mixed.json")])
+    assert capsys.readouterr().out.count("ran before with these arguments") == 0
+    assert json.load(open(tmp_path / "results.json"))["curves"] == mixed["curves"]
     for other in (dict(settings=first["settings"] + ["--lr", "0.5"]), dict(diffexp_flags=["--t-thres", "900"]),
                   dict(exploration=first["exploration"] | dict(t_thres=900))):  # a default changed since
         json.dump(first | other, open(tmp_path / "other.json", "w"))
