@@ -799,18 +799,22 @@ def draw(results, images, prompts, prefix):
 
 def draw_samplers(results, path):
     """The unseen prompts' reward and judge against reward queries, each arm's LoRA sampled plainly (solid) and with
-    DiffExp's sampler (dashed), mean over seeds: whether a LoRA learned the sampler it trained with."""
+    DiffExp's sampler (dashed), mean over the seeds read both ways: whether a LoRA learned the sampler it trained
+    with."""
     plt = pyplot()
     reward = results["reward"]
+    seeds = explored_seeds(results)  # the plain curves hold every seed, the explored ones these seeds alone
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     (compared, compared_name), (_, base_name) = labels(results).items()
     for ax, (plain, explored) in zip(axes, zip([f"eval_unseen_{reward}", "eval_unseen_shapes_judge"],
                                                explored_metrics(reward))):
         for arm, colour, label in ((compared, "tab:blue", "DiffExp's LoRA"),
                                    ("baseline", "tab:gray", f"the baseline's LoRA ({base_name})")):
-            for metric, style, sampler in ((plain, "-", "plain sampler"), (explored, "--", "exploring sampler")):
-                curve = results["curves"][f"{arm}/{metric}"]
-                ax.plot(curve["queries"], curve["mean"], style, color=colour, label=f"{label}, {sampler}")
+            curve = results["curves"][f"{arm}/{plain}"]
+            mean = np.array(curve["per_seed"])[seeds].mean(axis=0)  # [seeds, points] -> [points]
+            ax.plot(curve["queries"], mean, "-", color=colour, label=f"{label}, plain sampler")
+            curve = results["curves"][f"{arm}/{explored}"]
+            ax.plot(curve["queries"], curve["mean"], "--", color=colour, label=f"{label}, exploring sampler")
         ax.set(title=f"unseen prompts: {plain.removeprefix('eval_unseen_')}", xlabel="reward queries")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {seed_list(explored_seeds(results))} "

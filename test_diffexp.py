@@ -1706,6 +1706,20 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
     assert mixed["samplers"][metric]["diffexp"]["per_seed"] == pytest.approx(gain["diffexp"][1:].tolist())
     assert mixed["samplers"][metric]["user"]["per_seed"] == pytest.approx(user[1:].tolist())
     assert "by sampler: paired difference (same seed) (seed 1 of 0-1: the others' runs predate" in again
+    # its samplers figure compares the two samplers on the same seeds: seed 1's plain curves, not both seeds' mean
+    import matplotlib.axes
+    drawn = {}  # {a line's label: [its y in the left panel, in the right]}
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.axes.Axes, "plot",
+                  lambda ax, x, y, style, label, **kw: drawn.setdefault(label, []).append(y))
+        m.setattr(matplotlib.axes.Axes, "legend", lambda ax, **kw: None)  # no lines drawn: nothing to list
+        replicate.draw_samplers(mixed, tmp_path / "samplers_mixed.png")
+    for arm, name in (("diffexp", "DiffExp's LoRA"), ("baseline", "the baseline's LoRA (alignprop)")):
+        for panel, reading in enumerate(("bold", "shapes_judge")):  # the figure's two panels, left to right
+            plain = mixed["curves"][f"{arm}/eval_unseen_{reading}"]["per_seed"][1]
+            explored = mixed["curves"][f"{arm}/eval_unseen_explored_{reading}"]["per_seed"][0]  # seed 1's
+            assert np.allclose(drawn[f"{name}, plain sampler"][panel], plain)
+            assert np.allclose(drawn[f"{name}, exploring sampler"][panel], explored)
     # that file continued in turn: its curves under DiffExp's sampler hold seed 1 alone, and both seeds come from it
     shutil.copy(tmp_path / "results.json", tmp_path / "mixed.json")
     replicate.main([*argv, "--seeds-from", str(tmp_path / "mixed.json")])
