@@ -16,6 +16,8 @@ settings and seeds for DiffExp and its baseline (`--no-explore`): same LoRA init
 the samplers allow, so that the per-seed comparison is the quantity to report. Writes results.json (every curve per
 seed, the settings, the statistics, the diversity numbers), curves.png and diversity.png into --out. The statistics
 drop no seed: an arm that never reaches a level is counted at the budget, and said so; ratios live on a log scale.
+Stopped part-way (Ctrl-C, a crash), the same command continues: finished runs are reused, stopped ones resume from
+their last checkpoint (every 10 epochs and at a stop signal's epoch) and end as the unbroken runs would.
 """
 
 import argparse
@@ -82,9 +84,10 @@ DIVERSITY_PROMPTS = 6  # the first prompts of --eval-prompts (the plain "a COLOU
 def run_in_parallel(commands, parallel):
     """Run {name: (script, argv, run_dir)} as `python SCRIPT ARGV --out RUN_DIR` subprocesses with one thread each,
     `parallel` at a time, printing each run's epochs as its log grows. A run that finished here before with the same
-    script and arguments and settings (finished()) is not run again: a replication continues after a crash, and
-    replications whose baseline arms are the same runs (an ablation's and its replication's) share them."""
-    pending, running, shown = [], {}, {}
+    script and arguments and settings (finished()) is not run again, and one that stopped before its end (stopped())
+    continues from its checkpoint: a replication continues after a crash, and replications whose baseline arms are
+    the same runs (an ablation's and its replication's) share them."""
+    pending, running, shown = [], {}, {}  # shown: {name: the last epoch printed}
     for name, (script, argv, run_dir) in commands.items():
         if finished(script, argv, run_dir):
             print(f"[{name}] ran before with these arguments: {run_dir}", flush=True)
@@ -96,20 +99,28 @@ def run_in_parallel(commands, parallel):
             while pending and len(running) < parallel:
                 name = pending.pop(0)
                 script, argv, run_dir = commands[name]
-                if os.path.exists(run_dir + ".done"):  # a previous run with other arguments: no longer done
-                    os.remove(run_dir + ".done")
-                shutil.rmtree(run_dir, ignore_errors=True)  # a previous replicate's run: its log must not be reported
-                os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-                with open(run_dir + ".out", "w") as out:
-                    command = [sys.executable, os.path.join(HERE, script), *argv, "--out", run_dir]
+                if stopped(script, argv, run_dir):  # resumed, it draws what the unbroken run would have drawn
+                    print(f"[{name}] stopped before its end: continues from its checkpoint in {run_dir}", flush=True)
+                    shown[name] = max((row["epoch"] for row in read_log(run_dir)), default=-1)
+                    where, mode = ["--resume", run_dir], "a"
+                else:
+                    if os.path.exists(run_dir + ".done"):  # a previous run with other arguments: no longer done
+                        os.remove(run_dir + ".done")
+                    shutil.rmtree(run_dir, ignore_errors=True)  # another run's: its log must not be reported
+                    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+                    shown[name] = -1
+                    where, mode = ["--out", run_dir], "w"
+                with open(run_dir + ".out", mode) as out:
+                    command = [sys.executable, os.path.join(HERE, script), *argv, *where]
                     running[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env), run_dir
             time.sleep(2)
             for name, (proc, run_dir) in list(running.items()):
-                rows = read_log(run_dir)
-                for row in rows[shown.get(name, 0):]:
-                    scores = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k == "reward_mean" or "unseen" in k)
-                    print(f"[{name}] epoch {row['epoch']}: {scores}", flush=True)
-                shown[name] = len(rows)
+                for row in read_log(run_dir):
+                    if row["epoch"] > shown[name]:
+                        scores = ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                           if k == "reward_mean" or "unseen" in k)
+                        print(f"[{name}] epoch {row['epoch']}: {scores}", flush=True)
+                        shown[name] = row["epoch"]
                 if proc.poll() is not None:
                     if proc.returncode:
                         raise RuntimeError(f"run {name} failed; its output is in {run_dir}.out")
@@ -123,20 +134,33 @@ def run_in_parallel(commands, parallel):
 
 def finished(script, argv, run_dir):
     """Whether run_dir holds a finished run of `python SCRIPT ARGV` (its RUN_DIR.done, written when it ended, says
-    so) whose settings (its config.json) are what ARGV gives today: a changed default makes the run stale."""
+    so) whose settings are what ARGV gives today (same_settings())."""
     try:
         with open(run_dir + ".done") as f:
             if json.load(f) != [script, argv]:
                 return False
-        if script != "diffexp.py":  # a peer's run: its settings are diffexp.py's, but it writes no config.json
-            return True
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f)
     except (OSError, ValueError):
         return False
+    return script != "diffexp.py" or same_settings(argv, run_dir)  # a peer's run writes no config.json
+
+
+def stopped(script, argv, run_dir):
+    """Whether run_dir holds a run of `python diffexp.py ARGV` that stopped before its end (a checkpoint, no
+    RUN_DIR.done) with the settings ARGV gives today: `--resume RUN_DIR` continues it. A peer's run starts again."""
+    return (script == "diffexp.py" and not os.path.exists(run_dir + ".done")
+            and os.path.exists(os.path.join(run_dir, "checkpoint", "state.pt")) and same_settings(argv, run_dir))
+
+
+def same_settings(argv, run_dir):
+    """Whether run_dir's config.json holds the settings that `python diffexp.py ARGV` gives today: a changed default
+    makes a run stale."""
     try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
         with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
             now = vars(runs.parse_args([*argv, "--out", f"{unused}/run"]))
+    except (OSError, ValueError):
+        return False
     except SystemExit:  # arguments that the code refuses today: the run cannot be what they give
         return False
     return all(saved.get(name) == value for name, value in now.items() if name not in runs.RUN_DIRECTORY)

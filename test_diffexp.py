@@ -1730,6 +1730,33 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
         json.dump(first | other, open(tmp_path / "other.json", "w"))
         with pytest.raises(SystemExit, match="other.json: its arms"):
             replicate.main([*argv, "--seeds-from", str(tmp_path / "other.json")])
+    # a run stopped before its end (a stop signal during epoch 1: it ends the epoch, saves and exits) continues from
+    # its checkpoint and ends as the unbroken run did; only its epoch 2 runs
+    run_dir = str(tmp_path / "runs" / "diffexp-s1")
+    script, run_argv = json.load(open(run_dir + ".done"))
+    os.remove(run_dir + ".done")
+    shutil.rmtree(run_dir)
+
+    def append_then_stop(out, row):
+        append_log(out, row)
+        if row["epoch"] == 0:  # the starting model's evaluation: the signal comes in epoch 1
+            runs.STOP_REQUESTED.set()
+
+    append_log = runs.append_log
+    with monkeypatch.context() as m:
+        m.setattr(runs, "append_log", append_then_stop)
+        diffexp.main([*run_argv, "--out", run_dir])
+    runs.STOP_REQUESTED.clear()  # for the tests after this one
+    assert [row["epoch"] for row in replicate.read_log(run_dir)] == [0, 1]
+    assert replicate.stopped(script, run_argv, run_dir) and not replicate.finished(script, run_argv, run_dir)
+    replicate.main([*argv, "--seeds-from", str(tmp_path / "first.json")])
+    again = capsys.readouterr().out
+    assert "[diffexp s1] stopped before its end: continues from its checkpoint" in again
+    assert "[diffexp s1] epoch 2" in again and "[diffexp s1] epoch 1" not in again
+    assert replicate.finished(script, run_argv, run_dir)
+    resumed = json.load(open(tmp_path / "results.json"))["curves"]
+    for key, c in mixed["curves"].items():  # this process ran epoch 1 at its own thread count: equal to rounding
+        assert np.allclose(resumed[key]["per_seed"], c["per_seed"], atol=1e-5), key
     # ... unless the code now gives its arguments other settings (a changed default): then the run is stale
     run_dir = str(tmp_path / "runs" / "baseline-s1")
     script, argv = json.load(open(run_dir + ".done"))
