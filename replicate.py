@@ -124,6 +124,9 @@ def run_in_parallel(commands, parallel):
                 if proc.poll() is not None:
                     if proc.returncode:
                         raise RuntimeError(f"run {name} failed; its output is in {run_dir}.out")
+                    if read_log(run_dir)[-1]["epoch"] < shapes_args(commands[name][1]).epochs:  # a stop signal's
+                        raise RuntimeError(f"run {name} stopped before its end (a stop signal: it saved and exited); "
+                                           "the same command continues it")
                     with open(run_dir + ".done", "w") as f:
                         json.dump(commands[name][:2], f)  # [script, argv]
                     del running[name]

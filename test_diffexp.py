@@ -1765,6 +1765,26 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
     assert not replicate.finished(script, argv, run_dir)
 
 
+def test_replicate_never_counts_a_run_that_a_signal_stopped_as_finished(tmp_path, monkeypatch):
+    """A run stopped by a signal saves and exits 0, like a finished one: replicate.py must not write its RUN_DIR.done
+    (the run would then count as finished), but say that it stopped. Here the `python diffexp.py` subprocess is one
+    that writes the log of a 2-epoch run stopped after epoch 1 and exits 0."""
+    run_dir = str(tmp_path / "diffexp-s0")
+    argv = ["--model", "shapes", "--method", "alignprop", "--seed", "0", "--epochs", "2"]
+    real_popen = subprocess.Popen
+
+    def popen(command, **kw):
+        os.makedirs(run_dir)
+        for epoch in (0, 1):
+            runs.append_log(run_dir, dict(epoch=epoch, reward_queries=4 * epoch))
+        return real_popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(replicate.subprocess, "Popen", popen)
+    with pytest.raises(RuntimeError, match="run diffexp s0 stopped before its end"):
+        replicate.run_in_parallel({"diffexp s0": ("diffexp.py", argv, run_dir)}, parallel=1)
+    assert not os.path.exists(run_dir + ".done")
+
+
 def test_a_race_counts_every_seed_censored_at_the_budget_on_a_log_scale():
     """The queries ratio and the area ratio, hand-computed: a seed whose arm never reaches the level counts at the
     budget (the ratio is then a bound, and says so), ratios are averaged as logs, 2 seeds give values, not an
