@@ -115,24 +115,37 @@ def run_in_parallel(commands, parallel):
                     running[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env), run_dir
             time.sleep(2)
             for name, (proc, run_dir) in list(running.items()):
+                ended = proc.poll() is not None  # before reading the log, so that its last rows are printed
                 for row in read_log(run_dir):
                     if row["epoch"] > shown[name]:
                         scores = ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                            if k == "reward_mean" or "unseen" in k)
                         print(f"[{name}] epoch {row['epoch']}: {scores}", flush=True)
                         shown[name] = row["epoch"]
-                if proc.poll() is not None:
+                if ended:
+                    script, argv = commands[name][:2]
                     if proc.returncode:
                         raise RuntimeError(f"run {name} failed; its output is in {run_dir}.out")
-                    if read_log(run_dir)[-1]["epoch"] < shapes_args(commands[name][1]).epochs:  # a stop signal's
-                        raise RuntimeError(f"run {name} stopped before its end (a stop signal: it saved and exited); "
-                                           "the same command continues it")
+                    last = max((row["epoch"] for row in read_log(run_dir)), default=-1)
+                    if script == "diffexp.py" and last < shapes_args(argv).epochs:  # a stop signal: saved, exit 0
+                        raise RuntimeError(f"run {name} stopped after epoch {last} (a stop signal: it saved); the "
+                                           "same command continues it")
                     with open(run_dir + ".done", "w") as f:
-                        json.dump(commands[name][:2], f)  # [script, argv]
+                        json.dump([script, argv], f)
                     del running[name]
-    finally:  # one run failed, or Ctrl-C: stop the others
+    except KeyboardInterrupt:  # Ctrl-C reached the runs too (one process group): each ends its epoch and saves
+        print("stopping: the runs end their epochs and save (Ctrl-C again: at once, unsaved)", flush=True)
         for proc, _ in running.values():
+            proc.wait()
+        raise
+    finally:  # a run failed: stop the others and wait for them (they save), so that none outlives this process
+        alive = [proc for proc, _ in running.values() if proc.poll() is None]
+        if alive:
+            print(f"stopping {len(alive)} run(s): each ends its epoch and saves", flush=True)
+        for proc in alive:
             proc.terminate()
+        for proc in alive:
+            proc.wait()
 
 
 def finished(script, argv, run_dir):
@@ -150,8 +163,8 @@ def finished(script, argv, run_dir):
 def stopped(script, argv, run_dir):
     """Whether run_dir holds a run of `python diffexp.py ARGV` that stopped before its end (a checkpoint, no
     RUN_DIR.done) with the settings ARGV gives today: `--resume RUN_DIR` continues it. A peer's run starts again."""
-    return (script == "diffexp.py" and not os.path.exists(run_dir + ".done")
-            and os.path.exists(os.path.join(run_dir, "checkpoint", "state.pt")) and same_settings(argv, run_dir))
+    saved = any(os.path.exists(os.path.join(run_dir, d, "state.pt")) for d in ("checkpoint", "checkpoint.tmp"))
+    return script == "diffexp.py" and not os.path.exists(run_dir + ".done") and saved and same_settings(argv, run_dir)
 
 
 def same_settings(argv, run_dir):
@@ -160,10 +173,11 @@ def same_settings(argv, run_dir):
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
-        with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
-            now = vars(runs.parse_args([*argv, "--out", f"{unused}/run"]))
     except (OSError, ValueError):
         return False
+    try:
+        with tempfile.TemporaryDirectory() as unused:  # parse_args checks that a run directory could be written
+            now = vars(runs.parse_args([*argv, "--out", f"{unused}/run"]))
     except SystemExit:  # arguments that the code refuses today: the run cannot be what they give
         return False
     return all(saved.get(name) == value for name, value in now.items() if name not in runs.RUN_DIRECTORY)
@@ -181,13 +195,12 @@ def read_log(run_dir):
 def logged_rows(results, arm, seed):
     """One seed's log rows of an arm, rebuilt from a results file's curves: what summarise() reads of them. The curves
     under DiffExp's sampler hold the explored seeds only, in their order."""
-    rows = {}
+    rows, explored = {}, explored_seeds(results)
     for key, curve in results["curves"].items():
         name, metric = key.split("/")
-        held = explored_seeds(results) if metric in explored_metrics(results["reward"]) else range(results["seeds"])
+        held = explored if metric in explored_metrics(results["reward"]) else list(range(results["seeds"]))
         if name == arm and seed in held:
-            values = curve["per_seed"][list(held).index(seed)]
-            for queries, value in zip(curve["queries"], values):
+            for queries, value in zip(curve["queries"], curve["per_seed"][held.index(seed)]):
                 rows.setdefault(queries, dict(reward_queries=queries))[metric] = value
     return [rows[queries] for queries in sorted(rows)]
 
@@ -844,7 +857,7 @@ def draw_samplers(results, path):
             ax.plot(curve["queries"], curve["mean"], "--", color=colour, label=f"{label}, exploring sampler")
         ax.set(title=f"unseen prompts: {plain.removeprefix('eval_unseen_')}", xlabel="reward queries")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {seed_list(explored_seeds(results))} "
+    fig.suptitle(f"{compared_name}: the held-out prompts under both samplers, {seed_list(seeds)} "
                  "(mean)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -1737,16 +1737,19 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
     os.remove(run_dir + ".done")
     shutil.rmtree(run_dir)
 
+    append_log = runs.append_log
+
     def append_then_stop(out, row):
         append_log(out, row)
         if row["epoch"] == 0:  # the starting model's evaluation: the signal comes in epoch 1
             runs.STOP_REQUESTED.set()
 
-    append_log = runs.append_log
     with monkeypatch.context() as m:
         m.setattr(runs, "append_log", append_then_stop)
-        diffexp.main([*run_argv, "--out", run_dir])
-    runs.STOP_REQUESTED.clear()  # for the tests after this one
+        try:
+            diffexp.main([*run_argv, "--out", run_dir])
+        finally:
+            runs.STOP_REQUESTED.clear()  # for the tests after this one
     assert [row["epoch"] for row in replicate.read_log(run_dir)] == [0, 1]
     assert replicate.stopped(script, run_argv, run_dir) and not replicate.finished(script, run_argv, run_dir)
     replicate.main([*argv, "--seeds-from", str(tmp_path / "first.json")])
@@ -1767,22 +1770,30 @@ def test_replicate_writes_figures_and_tables_that_follow_from_its_logs(tmp_path,
 
 def test_replicate_never_counts_a_run_that_a_signal_stopped_as_finished(tmp_path, monkeypatch):
     """A run stopped by a signal saves and exits 0, like a finished one: replicate.py must not write its RUN_DIR.done
-    (the run would then count as finished), but say that it stopped. Here the `python diffexp.py` subprocess is one
-    that writes the log of a 2-epoch run stopped after epoch 1 and exits 0."""
-    run_dir = str(tmp_path / "diffexp-s0")
+    (the run would then count as finished), but say that it stopped. Here each subprocess is a stand-in that writes
+    its log (for `python diffexp.py`, a 2-epoch run's stopped after epoch 1) and exits 0; a premise sweep (no log)
+    and a peer's run (arguments diffexp.py does not know) that exit 0 are done."""
     argv = ["--model", "shapes", "--method", "alignprop", "--seed", "0", "--epochs", "2"]
+    commands = {"diffexp s0": ("diffexp.py", argv, str(tmp_path / "diffexp-s0")),
+                "premise": ("replicate.py", ["--premise-of", "alignprop"], str(tmp_path / "alignprop")),
+                "trl s0": ("replicate.py", [*argv, "--run-peer", "trl"], str(tmp_path / "trl-s0"))}
+    logged = {"diffexp-s0": [0, 1], "alignprop": [], "trl-s0": [0, 1, 2]}  # the epochs each stand-in logs
     real_popen = subprocess.Popen
 
     def popen(command, **kw):
+        run_dir = command[command.index("--out") + 1]
         os.makedirs(run_dir)
-        for epoch in (0, 1):
+        for epoch in logged[os.path.basename(run_dir)]:
             runs.append_log(run_dir, dict(epoch=epoch, reward_queries=4 * epoch))
         return real_popen([sys.executable, "-c", "pass"])
 
     monkeypatch.setattr(replicate.subprocess, "Popen", popen)
-    with pytest.raises(RuntimeError, match="run diffexp s0 stopped before its end"):
-        replicate.run_in_parallel({"diffexp s0": ("diffexp.py", argv, run_dir)}, parallel=1)
-    assert not os.path.exists(run_dir + ".done")
+    with pytest.raises(RuntimeError, match="run diffexp s0 stopped after epoch 1 "):
+        replicate.run_in_parallel(commands, parallel=1)
+    assert not os.path.exists(commands["diffexp s0"][2] + ".done")
+    del commands["diffexp s0"]
+    replicate.run_in_parallel(commands, parallel=1)
+    assert all(os.path.exists(run_dir + ".done") for _, _, run_dir in commands.values())
 
 
 def test_a_race_counts_every_seed_censored_at_the_budget_on_a_log_scale():
