@@ -116,7 +116,8 @@ def run_in_parallel(commands, parallel):
             time.sleep(2)
             for name, (proc, run_dir) in list(running.items()):
                 ended = proc.poll() is not None  # before reading the log, so that its last rows are printed
-                for row in read_log(run_dir):
+                rows = read_log(run_dir)
+                for row in rows:
                     if row["epoch"] > shown[name]:
                         scores = ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                            if k == "reward_mean" or "unseen" in k)
@@ -126,7 +127,7 @@ def run_in_parallel(commands, parallel):
                     script, argv = commands[name][:2]
                     if proc.returncode:
                         raise RuntimeError(f"run {name} failed; its output is in {run_dir}.out")
-                    last = max((row["epoch"] for row in read_log(run_dir)), default=-1)
+                    last = max((row["epoch"] for row in rows), default=-1)
                     if script == "diffexp.py" and last < shapes_args(argv).epochs:  # a stop signal: saved, exit 0
                         raise RuntimeError(f"run {name} stopped after epoch {last} (a stop signal: it saved); the "
                                            "same command continues it")
