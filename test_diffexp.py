@@ -1813,6 +1813,10 @@ def test_a_race_counts_every_seed_censored_at_the_budget_on_a_log_scale():
     assert replicate.ratio_text(baseline_censored, "DiffExp").startswith("<= 0.63 [")
     assert replicate.ratio_text(replicate.censored_ratio([100, 200], [100, 100], budget=400), "DiffExp") == (
         "per seed 1.00, 2.00 (2 seeds, no interval)")
+    # a curve's first point is the starting model's: the evaluation at 0 queries, and the first batch of training
+    # samples (drawn before the first update; a lucky draw of prompts can lie above the level) alike
+    assert replicate.first_reach([0, 100, 200], [0.9, 0.6, 0.8], level=0.7) == 200
+    assert replicate.first_reach([128, 256, 384], [0.9, 0.6, 0.65], level=0.7) is None
     # the area under the gain over the start, by trapezoids, over the budget: (0 + 0.2) / 2 * 100 + (0.2 + 0.4) / 2 *
     # 100 = 40, over 200 queries
     assert replicate.gain_area([0, 100, 200], [0.5, 0.7, 0.9], start=0.5) == pytest.approx(0.2)
