@@ -209,7 +209,8 @@ def logged_rows(results, arm, seed):
 def first_reach(queries, values, level):
     """The reward queries after which a curve first reaches `level`, or None (never). Its first point does not count:
     it is the starting model's (the evaluation at 0 queries; the first batch of training samples, drawn before DDPO's
-    first update and mostly before AlignProp's), so a level met there says nothing of learning, only of the draw."""
+    first update, and by AlignProp half before its first at the published settings), so a level met there says
+    nothing of learning, only of the draw."""
     return next((q for q, v in zip(queries[1:], values[1:]) if v >= level), None)
 
 
